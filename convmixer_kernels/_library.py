@@ -1,0 +1,151 @@
+"""The op layer's shared part: every op schema (defined here and nowhere else), the dispatch from an
+op call to the chosen backend's launcher, and the helpers that the functional wrappers of each block
+share (input checks, autocast, BatchNorm bookkeeping).
+
+Ops are functional (they mutate nothing). Running statistics are updated by `update_running_stats_`,
+the single implementation of nn.BatchNorm2d's rule, on per-channel tensors only (no host sync).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+
+NAMESPACE = "convmixer"
+ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # csrc/common/block_math.h enum Act
+
+SCHEMAS = {
+    # y = x + gamma*(act(dwconv(x)+b) - mean)*rstd + beta.  Returns (y, batch_mean, batch_rstd, batch_var);
+    # the batch statistics are empty tensors when batch_stats is false (mean/rstd are then inputs).
+    "dw_block_forward":
+        "(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, "
+        "bool batch_stats, float eps, str act, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    # Returns (dx, dweight, dbias, dgamma, dbeta).
+    "dw_block_backward":
+        "(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor mean, Tensor rstd, "
+        "bool batch_stats, str act, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # y = gamma*(act(conv_p(x)+b) - mean)*rstd + beta with kernel = stride = patch (1: pointwise).
+    # Returns (y, t, batch_mean, batch_rstd, batch_var); t = conv_p(x)+b when save_t, else empty.
+    "conv_act_bn_forward":
+        "(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, "
+        "bool batch_stats, float eps, str act, int patch, bool save_t, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # Returns (dx, dweight, dbias, dgamma, dbeta); an empty t is recomputed from x.
+    "conv_act_bn_backward":
+        "(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor mean, Tensor rstd, Tensor t, "
+        "bool batch_stats, str act, int patch, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def op(name: str):
+    return getattr(torch.ops.convmixer, name).default
+
+
+def qualname(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+def register_backend_dispatch(name: str):
+    """Routes op `name` on CPU and CUDA tensors to `backend.<name>` with the activation as its code."""
+    arg_names = [a.split()[-1] for a in SCHEMAS[name][1:SCHEMAS[name].index(") ->")].split(", ")]
+    act_pos = arg_names.index("act")
+
+    def impl(*args):
+        args = list(args)
+        backend = backends.get_backend(args[-1])
+        args[act_pos] = ACT_CODES[args[act_pos]]
+        return tuple(getattr(backend, name)(*args[:-1]))
+
+    for key in ("CPU", "CUDA"):
+        torch.library.impl(qualname(name), key, lib=_lib)(impl)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and statistics dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Dense in channels_last but not NCHW (same rule as csrc/cpu/cpu_common.h)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when dense in NCHW or channels_last, else an NCHW copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def check_act(act: str):
+    if act not in ACT_CODES:
+        raise ValueError(f"convmixer_kernels: unsupported activation {act!r}; expected one of {tuple(ACT_CODES)}")
+
+
+def check_block_input(block: str, x: torch.Tensor, weight: torch.Tensor, *others: Optional[torch.Tensor]):
+    """Clear errors for the mistakes a user makes: wrong rank, devices or dtypes that differ."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{block}: input must be a 4-D (N, C, H, W) tensor, got shape {shape}")
+    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"{block}: unsupported input dtype {x.dtype} (float32, bfloat16, float16, float64)")
+    for t in (weight,) + others:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{block}: tensors are on different devices: input on {x.device}, "
+                               f"a parameter or buffer on {t.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{block}: input dtype {x.dtype} differs from the weight dtype {weight.dtype} "
+                        f"(cast the module, or run under torch.autocast)")
+
+
+def autocast_inputs(x, weight, bias):
+    """Under torch.autocast the conv runs in the autocast dtype, as the unfused layers would; the BN
+    parameters and statistics stay fp32."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
+
+
+def bn_operands(x_dtype, C, device, gamma, beta, running_mean, running_var, training, eps):
+    """(gamma, beta, mean, rstd, batch_stats) in the accumulation dtype. BN uses batch statistics in
+    training or when it keeps no running statistics; otherwise mean/rstd come from the running ones."""
+    acc = acc_dtype(x_dtype)
+    g = gamma.to(acc) if gamma is not None else torch.ones(C, dtype=acc, device=device)
+    b = beta.to(acc) if beta is not None else torch.zeros(C, dtype=acc, device=device)
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        empty = torch.empty(0, dtype=acc, device=device)
+        return g, b, empty, empty, True
+    return g, b, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps), False
+
+
+def check_training_count(block: str, count: int, training: bool):
+    if training and count <= 1:
+        raise ValueError(f"{block}: expected more than 1 value per channel when training (N*H*W = {count}); "
+                         f"BatchNorm statistics are undefined")
+
+
+@torch.no_grad()
+def update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, batch_mean, batch_var, count):
+    """nn.BatchNorm2d's update: m = momentum, or 1/num_batches_tracked when momentum is None;
+    running_mean = (1-m)*running_mean + m*mean;  running_var = (1-m)*running_var + m*var*M/(M-1)."""
+    if running_mean is None:
+        return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        m = (1.0 / num_batches_tracked).to(running_mean.dtype)
+    else:
+        m = momentum
+    unbiased = batch_var * (count / (count - 1))
+    running_mean.mul_(1 - m).add_(batch_mean.to(running_mean.dtype) * m)
+    running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype) * m)

@@ -1,0 +1,135 @@
+"""Which backends are built, and which one runs a given op.
+
+Every kernel backend exposes the same four launchers (see `KernelBackend`); the op layer
+(`_library.py`) routes each op call to one of them by the `backend` string in the op's schema.
+"reference" is not a kernel backend: modules asked for it run the plain PyTorch layers.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+ENV_VAR = "CONVMIXER_BACKEND"
+ALL_BACKENDS = ("cpu", "triton", "cuda", "cuda_emu", "reference")
+
+# On CUDA tensors "auto" picks the measured winner per op. No GPU measurement exists yet, so every
+# op defaults to Triton (benchmarks/gpu_check.sh fills this in; cite the run next to each entry).
+CUDA_WINNERS = {
+    "dw_block": "triton",
+    "conv_act_bn": "triton",
+}
+
+
+@dataclass
+class KernelBackend:
+    name: str
+    devices: tuple  # device types whose tensors it accepts
+    dw_block_forward: Callable
+    dw_block_backward: Callable
+    conv_act_bn_forward: Callable
+    conv_act_bn_backward: Callable
+
+
+_LOADED: dict = {}
+_REASONS: dict = {}
+
+
+def _extension():
+    try:
+        return importlib.import_module("convmixer_kernels._C"), None
+    except ImportError as e:  # not built
+        return None, f"the C++ extension convmixer_kernels._C is not built ({e})"
+
+
+def _load(name: str) -> Optional[KernelBackend]:
+    if name in _LOADED or name in _REASONS:
+        return _LOADED.get(name)
+    backend, reason = None, None
+    if name == "cpu":
+        ext, reason = _extension()
+        if ext is not None:
+            backend = KernelBackend("cpu", ("cpu",), ext.dw_block_forward_cpu, ext.dw_block_backward_cpu,
+                                    ext.conv_act_bn_forward_cpu, ext.conv_act_bn_backward_cpu)
+    elif name == "triton":
+        try:
+            from . import triton as triton_backend  # noqa: F401  (imports triton)
+            backend, reason = triton_backend.make_backend()
+        except ImportError as e:
+            reason = f"triton backend unavailable: {e}"
+    elif name in ("cuda", "cuda_emu"):
+        ext, reason = _extension()
+        if ext is not None:
+            prefix = "cuda" if name == "cuda" else "cuda_emu"
+            if not hasattr(ext, f"dw_block_forward_{prefix}"):
+                reason = (f"the {name} kernels are not in this build "
+                          + ("(built without a CUDA toolkit; set CONVMIXER_BUILD_CUDA=1 and rebuild)"
+                             if name == "cuda" else "(the CUDA emulation harness is not built)"))
+            else:
+                dev = ("cuda",) if name == "cuda" else ("cpu",)
+                backend = KernelBackend(name, dev, getattr(ext, f"dw_block_forward_{prefix}"),
+                                        getattr(ext, f"dw_block_backward_{prefix}"),
+                                        getattr(ext, f"conv_act_bn_forward_{prefix}"),
+                                        getattr(ext, f"conv_act_bn_backward_{prefix}"))
+                if name == "cuda" and not torch.cuda.is_available():
+                    backend, reason = None, "built, but no CUDA device is visible"
+    if backend is None:
+        _REASONS[name] = reason or "unavailable"
+    else:
+        _LOADED[name] = backend
+    return backend
+
+
+def get_backend(name: str) -> KernelBackend:
+    b = _load(name)
+    if b is None:
+        raise RuntimeError(f"convmixer_kernels: backend {name!r} is not available: {_REASONS[name]}")
+    return b
+
+
+def available_backends() -> dict:
+    """{name: (available, reason)} for every backend this package knows."""
+    out = {}
+    for name in ALL_BACKENDS:
+        if name == "reference":
+            out[name] = (True, "plain PyTorch layers (unfused), always available")
+            continue
+        b = _load(name)
+        out[name] = (b is not None, "built" if b is not None else _REASONS[name])
+    return out
+
+
+def resolve(requested: str, device: torch.device, op: str) -> str:
+    """The backend that runs `op` on tensors of `device`. The environment variable wins over the
+    requested name; "auto" picks the best built backend for the device. Never falls back silently:
+    an explicitly named backend that cannot run raises."""
+    name = os.environ.get(ENV_VAR) or requested
+    if name not in ALL_BACKENDS + ("auto",):
+        raise ValueError(f"convmixer_kernels: unknown backend {name!r}; expected 'auto' or one of {ALL_BACKENDS}")
+    if name == "auto":
+        if device.type == "cpu":
+            name = "cpu"
+        elif device.type == "cuda":
+            name = CUDA_WINNERS[op]
+            if _load(name) is None:
+                other = "cuda" if name == "triton" else "triton"
+                if _load(other) is None:
+                    raise RuntimeError(f"convmixer_kernels: no GPU backend is available for {op}: "
+                                       f"triton: {_REASONS['triton']}; cuda: {_REASONS['cuda']}")
+                name = other
+        else:
+            raise RuntimeError(f"convmixer_kernels: no backend for device type {device.type!r}")
+    if name == "reference":
+        return name
+    b = get_backend(name)
+    if device.type not in b.devices and not (name == "triton" and _triton_interpreting() and device.type == "cpu"):
+        raise RuntimeError(f"convmixer_kernels: backend {name!r} cannot run on {device.type} tensors "
+                           f"(it takes {', '.join(b.devices)} tensors)")
+    return name
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,131 @@
+"""Fused depthwise block  y = x + BN(act(DWConv_k(x)))  : op registration, functional, module.
+
+Forward saves only x and the per-channel statistics; the backward recomputes t = DWConv_k(x) + b.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import backends, reference
+from ._library import (ACT_CODES, autocast_inputs, bn_operands, check_act, check_block_input,
+                       check_training_count, dense, op, qualname, register_backend_dispatch,
+                       update_running_stats_)
+
+# --- op registration --------------------------------------------------------------------------------
+
+register_backend_dispatch("dw_block_forward")
+register_backend_dispatch("dw_block_backward")
+
+
+@torch.library.register_fake(qualname("dw_block_forward"))
+def _dw_block_forward_fake(x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, backend):
+    n = x.shape[1] if batch_stats else 0
+    return torch.empty_like(x), gamma.new_empty(n), gamma.new_empty(n), gamma.new_empty(n)
+
+
+@torch.library.register_fake(qualname("dw_block_backward"))
+def _dw_block_backward_fake(dy, x, weight, bias, gamma, mean, rstd, batch_stats, act, backend):
+    return (torch.empty_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(gamma))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, backend = inputs
+    y, batch_mean, batch_rstd, batch_var = output
+    if batch_stats:
+        mean, rstd = batch_mean, batch_rstd
+    ctx.save_for_backward(x, weight, bias, gamma, mean, rstd)
+    ctx.batch_stats, ctx.act, ctx.backend = batch_stats, act, backend
+    ctx.mark_non_differentiable(batch_mean, batch_rstd, batch_var)
+
+
+def _backward(ctx, dy, *_stat_grads):
+    x, weight, bias, gamma, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dgamma, dbeta = op("dw_block_backward")(dy, x, weight, bias, gamma, mean, rstd,
+                                                         ctx.batch_stats, ctx.act, ctx.backend)
+    return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None
+
+
+torch.library.register_autograd(qualname("dw_block_forward"), _backward, setup_context=_setup_context)
+
+
+# --- functional -------------------------------------------------------------------------------------
+
+def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+             running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+             num_batches_tracked: Optional[torch.Tensor] = None, training: bool = True,
+             momentum: Optional[float] = 0.1, eps: float = 1e-5, act: str = "gelu",
+             backend: str = "auto") -> torch.Tensor:
+    """x + BatchNorm(act(depthwise_conv(x, weight, bias, padding='same'))), with nn.BatchNorm2d's
+    semantics for training/eval, running statistics, momentum=None and affine/track_running_stats off."""
+    check_act(act)
+    check_block_input("dw_block", x, weight, bias, gamma, beta, running_mean, running_var)
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"dw_block: weight must have shape ({C}, 1, k, k) for an input with {C} channels, "
+                         f"got {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("BatchNorm weight", gamma), ("BatchNorm bias", beta),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.shape != (C,):
+            raise ValueError(f"dw_block: {name} has shape {tuple(t.shape)}, expected ({C},) to match the input channels")
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    check_training_count("dw_block", count, training)
+    name = backends.resolve(backend, x.device, "dw_block")
+    if name == "reference":
+        return reference.dw_block_reference(x, weight, bias, gamma, beta, running_mean, running_var,
+                                            num_batches_tracked, training, momentum, eps, act)
+    if bias is None:
+        bias = torch.zeros(C, dtype=x.dtype, device=x.device)
+    g, b, mean, rstd, batch_stats = bn_operands(x.dtype, C, x.device, gamma, beta, running_mean, running_var,
+                                                training, eps)
+    y, batch_mean, _, batch_var = op("dw_block_forward")(dense(x), weight.contiguous(), bias, g, b, mean, rstd,
+                                                          batch_stats, eps, act, name)
+    if training:
+        update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, batch_mean, batch_var, count)
+    return y
+
+
+# --- module -----------------------------------------------------------------------------------------
+
+class FusedDepthwiseBlock(nn.Module):
+    """Drop-in for ``Residual(nn.Sequential(Conv2d(dim, dim, k, groups=dim, padding="same"), act,
+    BatchNorm2d(dim)))``: same submodule names (``fn.0``, ``fn.1``, ``fn.2``), so checkpoints load as is."""
+
+    def __init__(self, dim: int, kernel_size: int = 9, act: str = "gelu", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        check_act(act)
+        kw = dict(device=device, dtype=dtype)
+        self.fn = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same", bias=bias, **kw),
+            reference.make_act(act),
+            nn.BatchNorm2d(dim, eps, momentum, affine, track_running_stats, **kw))
+        self.act = act
+        self.backend = backend
+
+    @classmethod
+    def from_sequential(cls, fn: nn.Sequential, act: str, backend: str = "auto") -> "FusedDepthwiseBlock":
+        """Wraps an existing (conv, act, bn) Sequential without copying its parameters."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.fn = fn
+        self.act = act
+        self.backend = backend
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.fn[0], self.fn[2]
+        return dw_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                        bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.act, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, backend={self.backend!r}"
+
+
+__all__ = ["dw_block", "FusedDepthwiseBlock", "ACT_CODES"]

@@ -1,0 +1,452 @@
+// Fused conv -> act -> BatchNorm on the CPU, for the 1x1 pointwise conv and the patch-embedding stem
+// (a conv with kernel p and stride p). Both are a GEMM plus a per-channel epilogue:
+//   T = Z @ W^T (ATen GEMM),  t = T + b,  g = act(t),  y = gamma * (g - mean) * rstd + beta
+// where Z is the input as an (M x Cin*p*p) matrix of patches. The GEMM output is laid out like the
+// result: NCHW (N, Cout, L) when the input is NCHW, (M, Cout) when it is channels_last. The epilogue
+// sees it as a (P, C, Q) array: NCHW P = N, Q = L; channels_last P = M, Q = 1.
+//
+// Passes (each a single sweep over the GEMM output, vectorized along its contiguous axis):
+//   eval forward     : y = A*act(T + b) + B in place in the GEMM output (t written too when saved).
+//   training forward : t = T + b in place with block-wise mean/M2 of act(t), merged with Chan's rule;
+//                      then y = A*act(t) + B.
+//   backward         : reduce sum(dy), sum(dy*ghat) (training only); then dt = dg*act'(t) with
+//                      db = sum(dt) (and, in eval, the dgamma/dbeta sums) in one sweep; then the
+//                      two GEMMs dW = dT^T Z and dZ = dT W.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/block_math.h"
+#include "conv_act_bn.h"
+
+namespace cmk {
+namespace cpu {
+namespace {
+
+struct PCQ {
+  int64_t P, C, Q;
+};
+
+// Rows per parallel block in channels_last (a block of rows x C stays in L2 for the two-pass stats).
+constexpr int64_t kRowsPerBlock = 64;
+
+template <bool CL>
+int64_t num_blocks(const PCQ& s) {
+  return CL ? (s.P + kRowsPerBlock - 1) / kRowsPerBlock : s.P;
+}
+template <bool CL>
+std::pair<int64_t, int64_t> block_rows(const PCQ& s, int64_t b) {
+  return CL ? std::make_pair(b * kRowsPerBlock, std::min(s.P, (b + 1) * kRowsPerBlock)) : std::make_pair(b, b + 1);
+}
+
+// Training statistics: t = T + b written in place; returns mean and biased var of act(t) per channel.
+// Per block, exact two-pass moments over the (cached) block; blocks merged in order with Chan's rule.
+template <typename scalar_t, bool CL, int A>
+void stats_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, double* mean_out, double* var_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nb = num_blocks<CL>(s);
+  std::vector<double> bmean(nb * s.C), bm2(nb * s.C), bcount(nb);
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> bv(s.C), sum(s.C), m2(s.C), mu(s.C);
+    for (int64_t c = 0; c < s.C; ++c) bv[c] = static_cast<acc_t>(bias[c]);
+    for (int64_t b = begin; b < end; ++b) {
+      const auto [p0, p1] = block_rows<CL>(s, b);
+      const double cnt = static_cast<double>((p1 - p0) * s.Q);
+      double* bm = bmean.data() + b * s.C;
+      double* bq = bm2.data() + b * s.C;
+      if (CL) {
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          scalar_t* row = T + p * s.C;
+          for (int64_t c = 0; c < s.C; ++c) {
+            const acc_t t = static_cast<acc_t>(row[c]) + bv[c];
+            row[c] = static_cast<scalar_t>(t);
+            sum[c] += act_forward<A>(static_cast<acc_t>(row[c]));
+          }
+        }
+        for (int64_t c = 0; c < s.C; ++c) mu[c] = sum[c] / static_cast<acc_t>(cnt);
+        std::fill(m2.begin(), m2.end(), acc_t(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          const scalar_t* row = T + p * s.C;
+          for (int64_t c = 0; c < s.C; ++c) {
+            const acc_t d = act_forward<A>(static_cast<acc_t>(row[c])) - mu[c];
+            m2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < s.C; ++c) {
+          bm[c] = mu[c];
+          bq[c] = m2[c];
+        }
+      } else {
+        for (int64_t c = 0; c < s.C; ++c) {
+          scalar_t* plane = T + (p0 * s.C + c) * s.Q;
+          acc_t sm = 0;
+#pragma omp simd reduction(+ : sm)
+          for (int64_t q = 0; q < s.Q; ++q) {
+            const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(plane[q]) + bv[c]);
+            plane[q] = t;
+            sm += act_forward<A>(static_cast<acc_t>(t));
+          }
+          const acc_t m = sm / static_cast<acc_t>(cnt);
+          acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+          for (int64_t q = 0; q < s.Q; ++q) {
+            const acc_t d = act_forward<A>(static_cast<acc_t>(plane[q])) - m;
+            sq += d * d;
+          }
+          bm[c] = m;
+          bq[c] = sq;
+        }
+      }
+      bcount[b] = cnt;
+    }
+  });
+  for (int64_t c = 0; c < s.C; ++c) {
+    Welford<double> w;
+    for (int64_t b = 0; b < nb; ++b) w.merge(bcount[b], bmean[b * s.C + c], bm2[b * s.C + c]);
+    mean_out[c] = w.mean;
+    var_out[c] = w.m2 / w.count;
+  }
+}
+
+// y = scale*act(t) + shift, where t = T (+ bias when given). Writes t back into T when save_t.
+// y may alias T.
+template <typename scalar_t, bool CL, int A>
+void apply_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, bool save_t, const float* scale_f,
+                const float* shift_f, const double* scale_d, const double* shift_d, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nb = num_blocks<CL>(s);
+  std::vector<acc_t> bv(s.C, acc_t(0)), sc(s.C), sh(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    if (bias) bv[c] = static_cast<acc_t>(bias[c]);
+    sc[c] = scale_f ? static_cast<acc_t>(scale_f[c]) : static_cast<acc_t>(scale_d[c]);
+    sh[c] = shift_f ? static_cast<acc_t>(shift_f[c]) : static_cast<acc_t>(shift_d[c]);
+  }
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto [p0, p1] = block_rows<CL>(s, b);
+      for (int64_t p = p0; p < p1; ++p) {
+        if (CL) {
+          scalar_t* row = T + p * s.C;
+          scalar_t* yr = y + p * s.C;
+          for (int64_t c = 0; c < s.C; ++c) {
+            const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(row[c]) + bv[c]);
+            if (save_t) row[c] = t;
+            yr[c] = static_cast<scalar_t>(sc[c] * act_forward<A>(static_cast<acc_t>(t)) + sh[c]);
+          }
+        } else {
+          for (int64_t c = 0; c < s.C; ++c) {
+            scalar_t* plane = T + (p * s.C + c) * s.Q;
+            scalar_t* yp = y + (p * s.C + c) * s.Q;
+            const acc_t b0 = bv[c], a = sc[c], d = sh[c];
+            for (int64_t q = 0; q < s.Q; ++q) {
+              const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(plane[q]) + b0);
+              if (save_t) plane[q] = t;
+              yp[q] = static_cast<scalar_t>(a * act_forward<A>(static_cast<acc_t>(t)) + d);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Backward elementwise work over (P, C, Q).
+//   reduce_only: sums sum(dy), sum(dy*ghat) per channel.
+//   otherwise  : dt = a*(dy - c1 - ghat*c2)*act'(t) into dT, and sum(dt), sum(dy), sum(dy*ghat).
+template <typename scalar_t, bool CL, int A>
+void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
+                   const double* a, const double* c1, const double* c2, scalar_t* dT, double* sum_dt,
+                   double* sum_dy, double* sum_dyg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nb = num_blocks<CL>(s);
+  const bool form_dt = dT != nullptr;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> part(static_cast<size_t>(nthreads) * 3 * s.C, 0.0);
+  std::vector<acc_t> mu(s.C), rs(s.C), av(s.C), k1(s.C), k2(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    mu[c] = static_cast<acc_t>(mean[c]);
+    rs[c] = static_cast<acc_t>(rstd[c]);
+    if (form_dt) {
+      av[c] = static_cast<acc_t>(a[c]);
+      k1[c] = static_cast<acc_t>(c1[c]);
+      k2[c] = static_cast<acc_t>(c2[c]);
+    }
+  }
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    double* pdt = part.data() + static_cast<size_t>(at::get_thread_num()) * 3 * s.C;
+    double* pdy = pdt + s.C;
+    double* pdyg = pdy + s.C;
+    std::vector<acc_t> sdt(s.C), sdy(s.C), sdyg(s.C);
+    for (int64_t b = begin; b < end; ++b) {
+      const auto [p0, p1] = block_rows<CL>(s, b);
+      std::fill(sdt.begin(), sdt.end(), acc_t(0));
+      std::fill(sdy.begin(), sdy.end(), acc_t(0));
+      std::fill(sdyg.begin(), sdyg.end(), acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        if (CL) {
+          const int64_t o = p * s.C;
+          for (int64_t c = 0; c < s.C; ++c) {
+            const acc_t tv = static_cast<acc_t>(t[o + c]);
+            const acc_t d = static_cast<acc_t>(dy[o + c]);
+            const acc_t gh = (act_forward<A>(tv) - mu[c]) * rs[c];
+            sdy[c] += d;
+            sdyg[c] += d * gh;
+            if (form_dt) {
+              const acc_t dt = av[c] * (d - k1[c] - gh * k2[c]) * act_backward<A>(tv);
+              dT[o + c] = static_cast<scalar_t>(dt);
+              sdt[c] += dt;
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < s.C; ++c) {
+            const int64_t o = (p * s.C + c) * s.Q;
+            const acc_t m = mu[c], r = rs[c], aa = av[c], kk1 = k1[c], kk2 = k2[c];
+            acc_t s0 = 0, s1 = 0, s2 = 0;
+            if (form_dt) {
+#pragma omp simd reduction(+ : s0, s1, s2)
+              for (int64_t q = 0; q < s.Q; ++q) {
+                const acc_t tv = static_cast<acc_t>(t[o + q]);
+                const acc_t d = static_cast<acc_t>(dy[o + q]);
+                const acc_t gh = (act_forward<A>(tv) - m) * r;
+                const acc_t dt = aa * (d - kk1 - gh * kk2) * act_backward<A>(tv);
+                dT[o + q] = static_cast<scalar_t>(dt);
+                s0 += dt;
+                s1 += d;
+                s2 += d * gh;
+              }
+            } else {
+#pragma omp simd reduction(+ : s1, s2)
+              for (int64_t q = 0; q < s.Q; ++q) {
+                const acc_t tv = static_cast<acc_t>(t[o + q]);
+                const acc_t d = static_cast<acc_t>(dy[o + q]);
+                s1 += d;
+                s2 += d * (act_forward<A>(tv) - m) * r;
+              }
+            }
+            sdt[c] += s0;
+            sdy[c] += s1;
+            sdyg[c] += s2;
+          }
+        }
+      }
+      for (int64_t c = 0; c < s.C; ++c) {
+        pdt[c] += sdt[c];
+        pdy[c] += sdy[c];
+        pdyg[c] += sdyg[c];
+      }
+    }
+  });
+  for (int64_t c = 0; c < s.C; ++c) {
+    double a0 = 0, a1 = 0, a2 = 0;
+    for (int th = 0; th < nthreads; ++th) {
+      const double* pp = part.data() + static_cast<size_t>(th) * 3 * s.C;
+      a0 += pp[c];
+      a1 += pp[s.C + c];
+      a2 += pp[2 * s.C + c];
+    }
+    if (sum_dt) sum_dt[c] = a0;
+    sum_dy[c] = a1;
+    sum_dyg[c] = a2;
+  }
+}
+
+// The GEMM operand Z (patches) and its layout-matched product with W.
+struct Gemm {
+  bool cl;
+  int64_t N, Cin, H, W, Ho, Wo, p, Cout, K;
+};
+
+Gemm make_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t patch) {
+  Gemm g;
+  g.cl = is_channels_last(x);
+  g.N = x.size(0); g.Cin = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.p = patch; g.Ho = g.H / patch; g.Wo = g.W / patch;
+  g.Cout = weight.size(0); g.K = g.Cin * patch * patch;
+  return g;
+}
+
+// NCHW: Zt (N, K, L);  channels_last: Z (N*L, K). A view for the pointwise conv, a copy for the stem.
+at::Tensor patches(const Gemm& g, const at::Tensor& x) {
+  if (g.p == 1) return g.cl ? x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin}) : x.reshape({g.N, g.Cin, g.H * g.W});
+  at::Tensor xc = x.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
+  if (g.cl) return xc.permute({0, 2, 4, 1, 3, 5}).reshape({g.N * g.Ho * g.Wo, g.K});
+  return xc.permute({0, 1, 3, 5, 2, 4}).reshape({g.N, g.K, g.Ho * g.Wo});
+}
+
+// T = conv(x, W) without bias, in the output layout; returns (T as a 4-D tensor, its PCQ view).
+at::Tensor gemm_forward(const Gemm& g, const at::Tensor& Z, const at::Tensor& W2) {
+  if (g.cl) {
+    at::Tensor T = at::mm(Z, W2.t());  // (M, Cout) row-major == NHWC
+    return T.view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
+  }
+  at::Tensor T = at::matmul(W2, Z);  // (N, Cout, L)
+  return T.view({g.N, g.Cout, g.Ho, g.Wo});
+}
+
+PCQ pcq_of(const Gemm& g) {
+  return g.cl ? PCQ{g.N * g.Ho * g.Wo, g.Cout, 1} : PCQ{g.N, g.Cout, g.Ho * g.Wo};
+}
+
+void check_cab_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+                      const at::Tensor& beta, int64_t patch) {
+  const char* op = "conv_act_bn";
+  check_activation_tensor(op, x);
+  TORCH_CHECK(patch >= 1, op, ": patch size must be >= 1, got ", patch);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == patch && weight.size(3) == patch,
+              op, ": weight must have shape (Cout, ", x.size(1), ", ", patch, ", ", patch, "), got ", weight.sizes());
+  TORCH_CHECK(x.size(2) >= patch && x.size(3) >= patch, op, ": input spatial size ", x.sizes(),
+              " is smaller than the patch size ", patch);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(), op,
+              ": weight/bias dtype must match the input dtype ", x.scalar_type());
+  TORCH_CHECK(weight.device().is_cpu() && bias.device().is_cpu(), op, ": weight and bias must be CPU tensors");
+  const int64_t C = weight.size(0);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, op, ": bias must have shape (", C, ")");
+  const auto acc = acc_type_for(x.scalar_type());
+  check_per_channel(op, "gamma", gamma, C, acc);
+  check_per_channel(op, "beta", beta, C, acc);
+}
+
+template <typename F>
+void dispatch_layout_act(bool cl, int64_t act, F&& f) {
+  dispatch_act(act, [&](auto ACT) {
+    if (cl)
+      f(std::true_type{}, ACT);
+    else
+      f(std::false_type{}, ACT);
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                            const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                                            const at::Tensor& rstd, bool batch_stats, double eps, int64_t act,
+                                            int64_t patch, bool save_t) {
+  check_cab_inputs(x, weight, bias, gamma, beta, patch);
+  const Gemm g = make_gemm(x, weight, patch);
+  const PCQ s = pcq_of(g);
+  const auto acc_opts = gamma.options();
+  const at::Tensor W2 = weight.reshape({g.Cout, g.K});
+  at::Tensor T = gemm_forward(g, patches(g, x), W2);
+  at::Tensor mean_d, rstd_d, var_d;
+  if (batch_stats) {
+    at::Tensor mean64 = poisoned(at::empty({g.Cout}, acc_opts.dtype(at::kDouble)));
+    at::Tensor var64 = poisoned(at::empty({g.Cout}, acc_opts.dtype(at::kDouble)));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_act_bn_stats_cpu", [&] {
+      dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
+        stats_pass<scalar_t, decltype(CL)::value, decltype(ACT)::value>(s, T.data_ptr<scalar_t>(),
+                                                                         bias.const_data_ptr<scalar_t>(),
+                                                                         mean64.data_ptr<double>(), var64.data_ptr<double>());
+      });
+    });
+    mean_d = mean64;
+    var_d = var64;
+    rstd_d = (var64 + eps).rsqrt();
+  } else {
+    check_per_channel("conv_act_bn", "mean", mean, g.Cout, acc_type_for(x.scalar_type()));
+    check_per_channel("conv_act_bn", "rstd", rstd, g.Cout, acc_type_for(x.scalar_type()));
+    mean_d = mean.to(at::kDouble);
+    rstd_d = rstd.to(at::kDouble);
+  }
+  // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values).
+  const at::Tensor A = gamma.to(at::kDouble) * rstd_d;
+  const at::Tensor B = beta.to(at::kDouble) - mean_d * A;
+  // Training already folded the bias into T; eval adds it here.
+  const bool add_bias = !batch_stats;
+  const bool keep_t = save_t || batch_stats;
+  at::Tensor y = keep_t ? poisoned(at::empty_like(T)) : T;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_act_bn_apply_cpu", [&] {
+    dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
+      apply_pass<scalar_t, decltype(CL)::value, decltype(ACT)::value>(
+          s, T.data_ptr<scalar_t>(), add_bias ? bias.const_data_ptr<scalar_t>() : nullptr, save_t && add_bias,
+          nullptr, nullptr, A.const_data_ptr<double>(), B.const_data_ptr<double>(), y.data_ptr<scalar_t>());
+    });
+  });
+  at::Tensor empty = at::empty({0}, acc_opts);
+  return {y, save_t ? T : at::empty({0}, x.options()), batch_stats ? mean_d.to(gamma.scalar_type()) : empty,
+          batch_stats ? rstd_d.to(gamma.scalar_type()) : empty, batch_stats ? var_d.to(gamma.scalar_type()) : empty};
+}
+
+std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
+                                             const at::Tensor& rstd, const at::Tensor& t_saved, bool batch_stats,
+                                             int64_t act, int64_t patch) {
+  check_cab_inputs(x, weight, bias, gamma, gamma, patch);
+  const Gemm g = make_gemm(x, weight, patch);
+  const PCQ s = pcq_of(g);
+  const auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.Ho &&
+                  dy_in.size(3) == g.Wo,
+              "conv_act_bn_backward: grad_output has shape ", dy_in.sizes(), ", expected (", g.N, ", ", g.Cout, ", ",
+              g.Ho, ", ", g.Wo, ")");
+  const at::Tensor dy = dy_in.contiguous(fmt);
+  const at::Tensor W2 = weight.reshape({g.Cout, g.K});
+  const at::Tensor Z = patches(g, x);
+  at::Tensor t = t_saved;
+  if (!t.defined() || t.numel() == 0) {
+    // Recompute t = Z W^T + b (cheap when K = Cin*p*p is small, as in the stem).
+    t = gemm_forward(g, Z, W2);
+    t.add_(bias.view({1, g.Cout, 1, 1}));
+  }
+  t = t.contiguous(fmt);
+  const at::Tensor mean_d = mean.to(at::kDouble), rstd_d = rstd.to(at::kDouble);
+  const at::Tensor a = gamma.to(at::kDouble) * rstd_d;
+  at::Tensor sum_dy = poisoned(at::empty({g.Cout}, mean_d.options())), sum_dyg = poisoned(at::empty_like(sum_dy));
+  at::Tensor sum_dt = poisoned(at::empty_like(sum_dy));
+  at::Tensor dT = poisoned(at::empty_like(t, t.options(), fmt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_act_bn_backward_cpu", [&] {
+    dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
+      constexpr bool cl = decltype(CL)::value;
+      constexpr int A = decltype(ACT)::value;
+      at::Tensor c1 = at::zeros_like(sum_dy), c2 = at::zeros_like(sum_dy);
+      if (batch_stats) {
+        backward_pass<scalar_t, cl, A>(s, dy.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                       mean_d.const_data_ptr<double>(), rstd_d.const_data_ptr<double>(), nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, sum_dy.data_ptr<double>(),
+                                       sum_dyg.data_ptr<double>());
+        const double M = static_cast<double>(g.N * g.Ho * g.Wo);
+        c1 = sum_dy / M;
+        c2 = sum_dyg / M;
+      }
+      backward_pass<scalar_t, cl, A>(s, dy.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                     mean_d.const_data_ptr<double>(), rstd_d.const_data_ptr<double>(),
+                                     a.const_data_ptr<double>(), c1.const_data_ptr<double>(),
+                                     c2.const_data_ptr<double>(), dT.data_ptr<scalar_t>(), sum_dt.data_ptr<double>(),
+                                     sum_dy.data_ptr<double>(), sum_dyg.data_ptr<double>());
+    });
+  });
+  // GEMMs of the backward: dW = dT^T Z, dZ = dT W.
+  at::Tensor dW2, dZ;
+  if (g.cl) {
+    const at::Tensor dTm = dT.permute({0, 2, 3, 1}).reshape({g.N * g.Ho * g.Wo, g.Cout});
+    dW2 = at::mm(dTm.t(), Z);
+    dZ = at::mm(dTm, W2);  // (M, K)
+  } else {
+    const at::Tensor dTm = dT.view({g.N, g.Cout, g.Ho * g.Wo});
+    dW2 = at::zeros({g.Cout, g.K}, dT.options().dtype(at::toOpMathType(x.scalar_type())));
+    for (int64_t n = 0; n < g.N; ++n) dW2.addmm_(dTm[n].to(dW2.scalar_type()), Z[n].t().to(dW2.scalar_type()));
+    dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
+  }
+  at::Tensor dx;
+  if (g.p == 1) {
+    dx = g.cl ? dZ.view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2}) : dZ.view({g.N, g.Cin, g.H, g.W});
+  } else {
+    dx = at::zeros_like(x, x.options(), fmt);
+    at::Tensor dst = dx.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
+    if (g.cl)
+      dst.permute({0, 2, 4, 1, 3, 5}).copy_(dZ.view({g.N, g.Ho, g.Wo, g.Cin, g.p, g.p}));
+    else
+      dst.permute({0, 1, 3, 5, 2, 4}).copy_(dZ.view({g.N, g.Cin, g.p, g.p, g.Ho, g.Wo}));
+  }
+  const auto acc = gamma.scalar_type();
+  return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()), sum_dyg.to(acc),
+          sum_dy.to(acc)};
+}
+
+}  // namespace cpu
+}  // namespace cmk

@@ -1,0 +1,66 @@
+// Helpers shared by the CPU fused blocks: input checks, layout and activation dispatch.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <type_traits>
+
+#include "../common/block_math.h"
+
+namespace cmk {
+namespace cpu {
+
+// Calls f(std::integral_constant<int, ACT>) so the activation is a compile-time constant inside
+// the vectorized loops.
+template <typename F>
+void dispatch_act(int64_t act, F&& f) {
+  switch (act) {
+    case kGelu: f(std::integral_constant<int, kGelu>{}); break;
+    case kGeluTanh: f(std::integral_constant<int, kGeluTanh>{}); break;
+    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
+    default: TORCH_CHECK(false, "convmixer_kernels: unknown activation code ", act, " (0=gelu, 1=gelu_tanh, 2=relu)");
+  }
+}
+
+// A tensor dense in channels_last but not in NCHW. Tensors dense in both (C == 1 or H == W == 1)
+// take the NCHW path, whose offsets coincide with channels_last ones on such shapes.
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline void check_per_channel(const char* op, const char* name, const at::Tensor& t, int64_t C,
+                              at::ScalarType acc) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D tensor of ", C, " elements, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ", t.scalar_type());
+}
+
+// Test hook: when set, every output a launcher allocates is NaN-filled first, so an element a kernel
+// forgets to write fails the numerics tests instead of passing by luck.
+inline bool& poison_outputs_flag() {
+  static bool flag = false;
+  return flag;
+}
+inline at::Tensor poisoned(at::Tensor t) {
+  if (poison_outputs_flag() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+inline at::ScalarType acc_type_for(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_activation_tensor(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": input must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", x.dim(), "-D shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": input must be contiguous in NCHW or channels_last");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              op, ": unsupported dtype ", x.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace cmk

@@ -1,0 +1,84 @@
+"""Builds convmixer_kernels._C: the C++ CPU kernels always, the CUDA kernels when a toolkit is found.
+
+Environment switches:
+  CONVMIXER_BUILD_CUDA=1|0   force the CUDA sources on or off (default: on when nvcc is found)
+  CONVMIXER_CPU_ARCH=...     -march value for the CPU kernels (default: native; the package is built
+                             from source on the machine that runs it)
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The toolkit root nvcc really runs from (the nvcc on PATH may be a wrapper script)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+    return os.path.realpath(m.group(1)) if m else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def want_cuda(cuda_home):
+    flag = os.environ.get("CONVMIXER_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
+    return cuda_home is not None and bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+
+
+def extensions():
+    cuda_home = find_cuda_home()
+    with_cuda = want_cuda(cuda_home)
+    if with_cuda and cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    from torch.utils import cpp_extension
+
+    arch = os.environ.get("CONVMIXER_CPU_ARCH", "native")
+    cxx = ["-O3", "-fopenmp-simd", f"-march={arch}", "-Wno-unknown-pragmas"]
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "bindings.cpp")]
+    if not with_cuda:
+        return [cpp_extension.CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx})]
+    import torch
+
+    nvidia_inc = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include"))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90"]
+    return [cpp_extension.CUDAExtension(
+        "convmixer_kernels._C", sources,
+        include_dirs=[os.path.realpath(p) for p in nvidia_inc],
+        define_macros=[("CMK_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        libraries=["cublasLt", "cublas"])]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="convmixer-kernels",
+    version="0.1.0",
+    description="Fused CPU and GPU kernels for ConvMixer networks",
+    packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"triton": ["triton>=3.2"], "dev": ["pytest", "timm", "matplotlib", "scikit-learn"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+    zip_safe=False,
+)
