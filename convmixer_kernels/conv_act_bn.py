@@ -29,7 +29,7 @@ def _output_like(x: torch.Tensor, cout: int, patch: int) -> torch.Tensor:
     """Same layout rule as the kernels: channels_last output for a channels_last input, else NCHW."""
     n, _, h, w = x.shape
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return x.new_empty((n, cout, h // patch, w // patch), memory_format=fmt)
+    return torch.empty((n, cout, h // patch, w // patch), dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 @torch.library.register_fake(qualname("conv_act_bn_forward"))

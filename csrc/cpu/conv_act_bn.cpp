@@ -43,11 +43,11 @@ std::pair<int64_t, int64_t> block_rows(const PCQ& s, int64_t b) {
   return CL ? std::make_pair(b * kRowsPerBlock, std::min(s.P, (b + 1) * kRowsPerBlock)) : std::make_pair(b, b + 1);
 }
 
-// Training statistics: t = T + b written in place; returns mean and biased var of act(t) per channel.
-// Per block, exact two-pass moments over the (cached) block; blocks merged in order with Chan's rule.
-template <typename scalar_t, bool CL, int A>
-void stats_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, double* mean_out, double* var_out) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Training statistics: T += b in place (T is the GEMM output in the accumulation type); returns the
+// mean and biased var of act(T) per channel. Per block, exact two-pass moments over the (cached)
+// block; blocks merged in order with Chan's rule.
+template <typename acc_t, typename scalar_t, bool CL, int A>
+void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, double* var_out) {
   const int64_t nb = num_blocks<CL>(s);
   std::vector<double> bmean(nb * s.C), bm2(nb * s.C), bcount(nb);
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
@@ -61,19 +61,18 @@ void stats_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, double* mean_ou
       if (CL) {
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
-          scalar_t* row = T + p * s.C;
+          acc_t* row = T + p * s.C;
           for (int64_t c = 0; c < s.C; ++c) {
-            const acc_t t = static_cast<acc_t>(row[c]) + bv[c];
-            row[c] = static_cast<scalar_t>(t);
-            sum[c] += act_forward<A>(static_cast<acc_t>(row[c]));
+            row[c] += bv[c];
+            sum[c] += act_forward<A>(row[c]);
           }
         }
         for (int64_t c = 0; c < s.C; ++c) mu[c] = sum[c] / static_cast<acc_t>(cnt);
         std::fill(m2.begin(), m2.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* row = T + p * s.C;
+          const acc_t* row = T + p * s.C;
           for (int64_t c = 0; c < s.C; ++c) {
-            const acc_t d = act_forward<A>(static_cast<acc_t>(row[c])) - mu[c];
+            const acc_t d = act_forward<A>(row[c]) - mu[c];
             m2[c] += d * d;
           }
         }
@@ -83,19 +82,19 @@ void stats_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, double* mean_ou
         }
       } else {
         for (int64_t c = 0; c < s.C; ++c) {
-          scalar_t* plane = T + (p0 * s.C + c) * s.Q;
+          acc_t* plane = T + (p0 * s.C + c) * s.Q;
+          const acc_t b0 = bv[c];
           acc_t sm = 0;
 #pragma omp simd reduction(+ : sm)
           for (int64_t q = 0; q < s.Q; ++q) {
-            const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(plane[q]) + bv[c]);
-            plane[q] = t;
-            sm += act_forward<A>(static_cast<acc_t>(t));
+            plane[q] += b0;
+            sm += act_forward<A>(plane[q]);
           }
           const acc_t m = sm / static_cast<acc_t>(cnt);
           acc_t sq = 0;
 #pragma omp simd reduction(+ : sq)
           for (int64_t q = 0; q < s.Q; ++q) {
-            const acc_t d = act_forward<A>(static_cast<acc_t>(plane[q])) - m;
+            const acc_t d = act_forward<A>(plane[q]) - m;
             sq += d * d;
           }
           bm[c] = m;
@@ -113,40 +112,41 @@ void stats_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, double* mean_ou
   }
 }
 
-// y = scale*act(t) + shift, where t = T (+ bias when given). Writes t back into T when save_t.
-// y may alias T.
-template <typename scalar_t, bool CL, int A>
-void apply_pass(const PCQ& s, scalar_t* T, const scalar_t* bias, bool save_t, const float* scale_f,
-                const float* shift_f, const double* scale_d, const double* shift_d, scalar_t* y) {
-  using acc_t = at::opmath_type<scalar_t>;
+// t = T (+ bias when given);  y = scale*act(t) + shift;  t_out = t rounded to the output dtype when
+// given. y and t_out may alias T when the dtypes agree (each element is read before it is written).
+template <typename acc_t, typename scalar_t, bool CL, int A>
+void apply_pass(const PCQ& s, const acc_t* T, const scalar_t* bias, scalar_t* t_out, const double* scale,
+                const double* shift, scalar_t* y) {
   const int64_t nb = num_blocks<CL>(s);
   std::vector<acc_t> bv(s.C, acc_t(0)), sc(s.C), sh(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     if (bias) bv[c] = static_cast<acc_t>(bias[c]);
-    sc[c] = scale_f ? static_cast<acc_t>(scale_f[c]) : static_cast<acc_t>(scale_d[c]);
-    sh[c] = shift_f ? static_cast<acc_t>(shift_f[c]) : static_cast<acc_t>(shift_d[c]);
+    sc[c] = static_cast<acc_t>(scale[c]);
+    sh[c] = static_cast<acc_t>(shift[c]);
   }
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const auto [p0, p1] = block_rows<CL>(s, b);
       for (int64_t p = p0; p < p1; ++p) {
         if (CL) {
-          scalar_t* row = T + p * s.C;
-          scalar_t* yr = y + p * s.C;
+          const int64_t o = p * s.C;
           for (int64_t c = 0; c < s.C; ++c) {
-            const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(row[c]) + bv[c]);
-            if (save_t) row[c] = t;
-            yr[c] = static_cast<scalar_t>(sc[c] * act_forward<A>(static_cast<acc_t>(t)) + sh[c]);
+            const acc_t t = T[o + c] + bv[c];
+            if (t_out) t_out[o + c] = static_cast<scalar_t>(t);
+            y[o + c] = static_cast<scalar_t>(sc[c] * act_forward<A>(t) + sh[c]);
           }
         } else {
           for (int64_t c = 0; c < s.C; ++c) {
-            scalar_t* plane = T + (p * s.C + c) * s.Q;
-            scalar_t* yp = y + (p * s.C + c) * s.Q;
+            const int64_t o = (p * s.C + c) * s.Q;
             const acc_t b0 = bv[c], a = sc[c], d = sh[c];
-            for (int64_t q = 0; q < s.Q; ++q) {
-              const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(plane[q]) + b0);
-              if (save_t) plane[q] = t;
-              yp[q] = static_cast<scalar_t>(a * act_forward<A>(static_cast<acc_t>(t)) + d);
+            if (t_out) {
+              for (int64_t q = 0; q < s.Q; ++q) {
+                const acc_t t = T[o + q] + b0;
+                t_out[o + q] = static_cast<scalar_t>(t);
+                y[o + q] = static_cast<scalar_t>(a * act_forward<A>(t) + d);
+              }
+            } else {
+              for (int64_t q = 0; q < s.Q; ++q) y[o + q] = static_cast<scalar_t>(a * act_forward<A>(T[o + q] + b0) + d);
             }
           }
         }
@@ -331,45 +331,59 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   const Gemm g = make_gemm(x, weight, patch);
   const PCQ s = pcq_of(g);
   const auto acc_opts = gamma.options();
-  const at::Tensor W2 = weight.reshape({g.Cout, g.K});
-  at::Tensor T = gemm_forward(g, patches(g, x), W2);
+  // The GEMM output stays in the accumulation type (fp32 for bf16/fp16 inputs), so t = T + b is
+  // rounded to the input dtype once, as PyTorch's conv does; a sign flip of a rounded bf16 T + b
+  // would otherwise change ReLU's derivative.
+  const auto acc = acc_type_for(x.scalar_type());
+  const at::Tensor W2 = weight.reshape({g.Cout, g.K}).to(acc);
+  at::Tensor T = gemm_forward(g, patches(g, x).to(acc), W2);
+  const bool same_type = acc == x.scalar_type();
   at::Tensor mean_d, rstd_d, var_d;
   if (batch_stats) {
-    at::Tensor mean64 = poisoned(at::empty({g.Cout}, acc_opts.dtype(at::kDouble)));
-    at::Tensor var64 = poisoned(at::empty({g.Cout}, acc_opts.dtype(at::kDouble)));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_act_bn_stats_cpu", [&] {
-      dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
-        stats_pass<scalar_t, decltype(CL)::value, decltype(ACT)::value>(s, T.data_ptr<scalar_t>(),
-                                                                         bias.const_data_ptr<scalar_t>(),
-                                                                         mean64.data_ptr<double>(), var64.data_ptr<double>());
-      });
-    });
-    mean_d = mean64;
-    var_d = var64;
-    rstd_d = (var64 + eps).rsqrt();
+    mean_d = poisoned(at::empty({g.Cout}, acc_opts.dtype(at::kDouble)));
+    var_d = poisoned(at::empty({g.Cout}, acc_opts.dtype(at::kDouble)));
   } else {
-    check_per_channel("conv_act_bn", "mean", mean, g.Cout, acc_type_for(x.scalar_type()));
-    check_per_channel("conv_act_bn", "rstd", rstd, g.Cout, acc_type_for(x.scalar_type()));
+    check_per_channel("conv_act_bn", "mean", mean, g.Cout, acc);
+    check_per_channel("conv_act_bn", "rstd", rstd, g.Cout, acc);
     mean_d = mean.to(at::kDouble);
     rstd_d = rstd.to(at::kDouble);
   }
-  // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values).
-  const at::Tensor A = gamma.to(at::kDouble) * rstd_d;
-  const at::Tensor B = beta.to(at::kDouble) - mean_d * A;
-  // Training already folded the bias into T; eval adds it here.
-  const bool add_bias = !batch_stats;
-  const bool keep_t = save_t || batch_stats;
-  at::Tensor y = keep_t ? poisoned(at::empty_like(T)) : T;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_act_bn_apply_cpu", [&] {
+  at::Tensor y, t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_act_bn_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
-      apply_pass<scalar_t, decltype(CL)::value, decltype(ACT)::value>(
-          s, T.data_ptr<scalar_t>(), add_bias ? bias.const_data_ptr<scalar_t>() : nullptr, save_t && add_bias,
-          nullptr, nullptr, A.const_data_ptr<double>(), B.const_data_ptr<double>(), y.data_ptr<scalar_t>());
+      constexpr bool cl = decltype(CL)::value;
+      constexpr int A = decltype(ACT)::value;
+      if (batch_stats) {
+        // Training: T += b with the statistics, then the apply pass. T (now t) is kept for the backward.
+        stats_pass<acc_t, scalar_t, cl, A>(s, T.data_ptr<acc_t>(), bias.const_data_ptr<scalar_t>(),
+                                           mean_d.data_ptr<double>(), var_d.data_ptr<double>());
+        rstd_d = (var_d + eps).rsqrt();
+      }
+      // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values).
+      const at::Tensor Aff = gamma.to(at::kDouble) * rstd_d;
+      const at::Tensor Bff = beta.to(at::kDouble) - mean_d * Aff;
+      const scalar_t* b_apply = batch_stats ? nullptr : bias.const_data_ptr<scalar_t>();
+      // Eval without a saved t writes y over the GEMM output when the dtypes agree.
+      const bool y_in_place = same_type && !batch_stats && !save_t;
+      y = y_in_place ? T : poisoned(at::empty_like(T, T.options().dtype(x.scalar_type())));
+      scalar_t* t_out = nullptr;
+      if (save_t) {
+        if (same_type) {
+          t = T;
+          t_out = batch_stats ? nullptr : reinterpret_cast<scalar_t*>(T.data_ptr<acc_t>());
+        } else {
+          t = poisoned(at::empty_like(T, T.options().dtype(x.scalar_type())));
+          t_out = t.data_ptr<scalar_t>();
+        }
+      }
+      apply_pass<acc_t, scalar_t, cl, A>(s, T.const_data_ptr<acc_t>(), b_apply, t_out, Aff.const_data_ptr<double>(),
+                                         Bff.const_data_ptr<double>(), y.data_ptr<scalar_t>());
     });
   });
-  at::Tensor empty = at::empty({0}, acc_opts);
-  return {y, save_t ? T : at::empty({0}, x.options()), batch_stats ? mean_d.to(gamma.scalar_type()) : empty,
-          batch_stats ? rstd_d.to(gamma.scalar_type()) : empty, batch_stats ? var_d.to(gamma.scalar_type()) : empty};
+  if (!save_t) t = at::empty({0}, x.options());
+  if (!batch_stats) return {y, t, at::empty({0}, acc_opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+  return {y, t, mean_d.to(acc), rstd_d.to(acc), var_d.to(acc)};
 }
 
 std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
@@ -390,8 +404,8 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
   at::Tensor t = t_saved;
   if (!t.defined() || t.numel() == 0) {
     // Recompute t = Z W^T + b (cheap when K = Cin*p*p is small, as in the stem).
-    t = gemm_forward(g, Z, W2);
-    t.add_(bias.view({1, g.Cout, 1, 1}));
+    const auto acc = acc_type_for(x.scalar_type());
+    t = gemm_forward(g, Z.to(acc), W2.to(acc)).add_(bias.to(acc).view({1, g.Cout, 1, 1})).to(x.scalar_type());
   }
   t = t.contiguous(fmt);
   const at::Tensor mean_d = mean.to(at::kDouble), rstd_d = rstd.to(at::kDouble);
