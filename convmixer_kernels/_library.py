@@ -60,7 +60,9 @@ def register_backend_dispatch(name: str):
         args = list(args)
         backend = backends.get_backend(args[-1])
         args[act_pos] = ACT_CODES[args[act_pos]]
-        return tuple(getattr(backend, name)(*args[:-1]))
+        # Launchers pick their own precisions; autocast must not re-cast their internal GEMMs.
+        with torch.autocast(args[0].device.type, enabled=False):
+            return tuple(getattr(backend, name)(*args[:-1]))
 
     for key in ("CPU", "CUDA"):
         torch.library.impl(qualname(name), key, lib=_lib)(impl)

@@ -106,6 +106,16 @@ def is_residual(m: nn.Module) -> bool:
     return type(m).__name__ == "Residual" and isinstance(getattr(m, "fn", None), nn.Module)
 
 
+def _recast(module: nn.Module, cls: type, **attrs) -> nn.Module:
+    """Turns `module` into a `cls` in place: the same object keeps its children, parameters, buffers,
+    hooks and train/eval mode (so inplace=True returns the very model it was given); only the
+    forward changes. `cls` is a subclass of the module's own container kind with the same children."""
+    module.__class__ = cls
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    return module
+
+
 class _Converter:
     def __init__(self, backend: str):
         self.backend = backend
@@ -117,8 +127,7 @@ class _Converter:
         if is_residual(module):
             problem, act = depthwise_problem(module.fn)
             if problem is None:
-                new = FusedDepthwiseBlock.from_sequential(module.fn, act, self.backend)
-                new.train(module.training)
+                new = _recast(module, FusedDepthwiseBlock, act=act, backend=self.backend)
                 self.report.fused.append((path, f"depthwise block k={module.fn[0].kernel_size[0]}, {act}"))
                 return new
             self.report.skipped.append((path, problem))
@@ -151,11 +160,8 @@ class _Converter:
         if not any(step[0] == "fused" for step in plan):
             return seq
         if len(mods) == 3 and plan == [("fused", 0, plan[0][2])]:
-            new = FusedConvActBN.from_modules(mods[0], mods[1], mods[2], plan[0][2], self.backend)
-            new._modules = copy.copy(seq._modules)
-            new.train(seq.training)
-            return new
-        return FusedSequential.from_sequential(seq, plan, self.backend)
+            return _recast(seq, FusedConvActBN, act=plan[0][2], backend=self.backend)
+        return _recast(seq, FusedSequential, plan=tuple(plan), backend=self.backend)
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False):

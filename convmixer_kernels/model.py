@@ -66,14 +66,14 @@ class ConvMixer(nn.Module):
         self.num_features = dim
         self.stem = FusedConvActBN(in_chans, dim, patch_size, act, backend=backend)
         self.blocks = nn.Sequential(*[mixer_layer(dim, kernel_size, act, backend) for _ in range(depth)])
-        self.pooling = nn.AdaptiveAvgPool2d(1)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pooling(self.forward_features(x)), 1))
+        return self.head(torch.flatten(self.global_pool(self.forward_features(x)), 1))
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

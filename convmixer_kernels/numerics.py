@@ -1,0 +1,135 @@
+"""The numerics rule of DESIGN.md section 4 and a harness that runs a block three ways (fused, PyTorch
+in the same dtype, float64 reference) with identical inputs and upstream gradients.
+
+    max|fused - ref64| <= 2 * max|torch_same_dtype - ref64| + atol
+
+Used by the tests (which assert) and by `python -m convmixer_kernels verify` (which reports).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .conv_act_bn import conv_act_bn
+from .dw_block import dw_block
+from .reference import conv_act_bn_reference, dw_block_reference
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+GRAD_NAMES = ("weight", "bias", "gamma", "beta")
+
+
+@dataclass
+class Check:
+    name: str
+    fused_err: float
+    torch_err: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.fused_err <= self.bound  # NaN compares False: a NaN error fails
+
+    def __str__(self):
+        return (f"{self.name}: fused error {self.fused_err:.3e} {'<=' if self.ok else '>'} "
+                f"2 * torch error {self.torch_err:.3e} + atol = {self.bound:.3e}")
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.detach().double() - ref.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def rule(name, fused, same, ref64, dtype) -> Check:
+    if tuple(fused.shape) != tuple(ref64.shape):
+        return Check(f"{name} (shape {tuple(fused.shape)} != {tuple(ref64.shape)})", float("nan"), 0.0, 0.0)
+    et = max_err(same, ref64)
+    return Check(name, max_err(fused, ref64), et, 2 * et + ATOL[dtype])
+
+
+def make_block_params(kind, C, k=3, cin=None, patch=1, dtype=torch.float32, affine=True, track=True):
+    """Random parameters and buffers (never zeros). Conv params in `dtype`; BN in fp32 (fp64 for fp64),
+    as under AMP. kind: "dw" (depthwise, C channels) or anything else (conv-act-BN, cin -> C)."""
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if kind == "dw":
+        w = torch.randn(C, 1, k, k) / k
+    else:
+        w = torch.randn(C, cin, patch, patch) / (cin * patch * patch) ** 0.5
+    p = dict(weight=w.to(dtype), bias=(torch.randn(C) * 0.5).to(dtype))
+    p["gamma"] = (1 + 0.5 * torch.randn(C)).to(bn_dtype) if affine else None
+    p["beta"] = (0.5 * torch.randn(C)).to(bn_dtype) if affine else None
+    if track:
+        p["running_mean"] = (0.2 * torch.randn(C)).to(bn_dtype)
+        p["running_var"] = (0.5 + torch.rand(C)).to(bn_dtype)
+        p["num_batches_tracked"] = torch.tensor(3, dtype=torch.long)
+    else:
+        p["running_mean"] = p["running_var"] = p["num_batches_tracked"] = None
+    return p
+
+
+def _clone_params(p, device, dtype=None, bn_dtype=None):
+    out = {}
+    for k, v in p.items():
+        if v is None:
+            out[k] = None
+            continue
+        v = v.detach().clone().to(device)
+        if k in ("weight", "bias") and dtype is not None:
+            v = v.to(dtype)
+        elif k != "num_batches_tracked" and bn_dtype is not None:
+            v = v.to(bn_dtype)
+        if k in GRAD_NAMES:
+            v.requires_grad_(True)
+        out[k] = v
+    return out
+
+
+def compare_block(kind, x, p, training, act, momentum=0.1, eps=1e-5, patch=1, steps=1, backend="auto",
+                  **fused_kwargs) -> list:
+    """Runs `steps` forward+backward steps three ways and returns a Check for the output, every gradient
+    and the running statistics of each step. The fused and same-dtype runs use x's device; the reference
+    runs in float64 on the CPU. kind: "dw" or "pw"/"stem" (conv-act-BN with kernel = stride = patch)."""
+    dtype, device = x.dtype, x.device
+    fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    runs = {"fused": _clone_params(p, device), "same": _clone_params(p, device),
+            "ref": _clone_params(p, "cpu", torch.float64, torch.float64)}
+    checks = []
+    for step in range(steps):
+        xs = x if step == 0 else torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=fmt)
+        outs, grads, dy = {}, {}, None
+        for name, q in runs.items():
+            xi = xs.detach().clone()
+            xi = (xi.cpu().double() if name == "ref" else xi).contiguous(memory_format=fmt).requires_grad_(True)
+            common = dict(training=training, momentum=momentum, eps=eps, act=act)
+            if kind != "dw":
+                common["patch"] = patch
+            if name == "fused":
+                fn = dw_block if kind == "dw" else conv_act_bn
+                common.update(backend=backend, **fused_kwargs)
+            else:
+                fn = dw_block_reference if kind == "dw" else conv_act_bn_reference
+            y = fn(xi, q["weight"], q["bias"], q["gamma"], q["beta"], q["running_mean"], q["running_var"],
+                   q["num_batches_tracked"], **common)
+            if dy is None:
+                # Scaled like the gradient of a mean loss, so reductions over N*H*W stay O(1) and a
+                # bf16 output's (relative) rounding does not dwarf the absolute tolerance.
+                count = y.shape[0] * y.shape[2] * y.shape[3]
+                dy = torch.randn(y.shape, dtype=torch.float64) / count ** 0.5
+            y.backward(dy.to(device=xi.device, dtype=y.dtype).contiguous(memory_format=fmt))
+            outs[name] = y.detach().cpu()
+            grads[name] = {"x": xi.grad.cpu(), **{k: q[k].grad.cpu() for k in GRAD_NAMES if q[k] is not None}}
+            if name == "fused" and not y.is_contiguous(memory_format=fmt):
+                checks.append(Check(f"step {step} y memory format", float("nan"), 0.0, 0.0))
+        checks.append(rule(f"step {step} y", outs["fused"], outs["same"], outs["ref"], dtype))
+        for g in grads["ref"]:
+            checks.append(rule(f"step {step} d{g}", grads["fused"][g], grads["same"][g], grads["ref"][g], dtype))
+        for q in runs.values():
+            for k in GRAD_NAMES:
+                if q[k] is not None:
+                    q[k].grad = None
+        if p["running_mean"] is not None:
+            for b in ("running_mean", "running_var"):
+                checks.append(rule(f"step {step} {b}", runs["fused"][b].cpu(), runs["same"][b].cpu(),
+                                   runs["ref"][b], dtype))
+            nf, nr = runs["fused"]["num_batches_tracked"].item(), runs["ref"]["num_batches_tracked"].item()
+            checks.append(Check(f"step {step} num_batches_tracked", abs(nf - nr), 0.0, 0.0))
+    return checks
