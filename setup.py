@@ -7,6 +7,7 @@ Environment switches:
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ def extensions():
 
     arch = os.environ.get("CONVMIXER_CPU_ARCH", "native")
     cxx = ["-O3", "-fopenmp-simd", f"-march={arch}", "-Wno-unknown-pragmas"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cxx.append("-mprefer-vector-width=512")  # let auto-vectorized epilogues use AVX-512 where present
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "bindings.cpp")]
     if not with_cuda:
         return [cpp_extension.CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx})]

@@ -27,7 +27,8 @@ CMK_HD float fast_exp(float x) {
   // polynomial for exp(r) on |r| <= ln2/2 (error < 2e-7 relative).
   float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   xc = (x != x) ? x : xc;  // keep NaN
-  float n = std::nearbyint(xc * 1.44269504088896341f);
+  // round to nearest by the 1.5*2^23 trick: plain arithmetic, so loops calling this vectorize
+  float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.f / 720.f;

@@ -26,18 +26,20 @@
 
 #include "../common/block_math.h"
 #include "dw_block.h"
+#include "simd.h"
 
 namespace cmk {
 namespace cpu {
 namespace {
 
-// Tile shape per layout: NCHW vectorizes along w (a 4 x VL tile), channels_last along c (1 x 4 x VL).
+// Tile shape per layout: NCHW vectorizes along w (8 rows x VL), channels_last along c (8 pixels x VL
+// channels): 8 independent accumulators cover the FMA latency, ~1.1 vector loads per FMA.
 template <typename acc_t, bool CL>
 struct TileShape {
   static constexpr int VL = 64 / sizeof(acc_t);
   static constexpr int CB = CL ? VL : 1;
-  static constexpr int RB = CL ? 1 : 4;
-  static constexpr int WB = CL ? 4 : VL;
+  static constexpr int RB = CL ? 1 : 8;
+  static constexpr int WB = CL ? 8 : VL;
 };
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -68,10 +70,10 @@ inline int64_t elem_offset(const PlaneGeom& g, int64_t n, int64_t c, int64_t p) 
 }
 
 // Copy plane (n, group) of src into the zero-padded buffer with its top-left corner at (off, off).
+// The halo and the round-up margin are never written, so a buffer zeroed once per thread stays valid.
 template <typename scalar_t, typename acc_t, bool CL>
 void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, int64_t off, acc_t* buf) {
   constexpr int CB = TileShape<acc_t, CL>::CB;
-  std::fill(buf, buf + g.buf_h * g.buf_w * CB, acc_t(0));
   const int64_t c0 = group * CB;
   const int64_t cb = std::min<int64_t>(CB, g.C - c0);
   for (int64_t h = 0; h < g.H; ++h) {
@@ -103,57 +105,183 @@ std::vector<acc_t> group_weights(const PlaneGeom& g, const scalar_t* w, int64_t 
   return out;
 }
 
-// Per-channel vector v[C] gathered into the group's lanes (zero beyond C).
+// Per-lane copy of a per-channel vector: in channels_last lane l is channel group*CB + l (zero beyond
+// C); in NCHW every lane holds the plane's channel, and lanes are pixel residues mod VL.
 template <typename acc_t, bool CL, typename T>
 std::vector<acc_t> group_lanes(const PlaneGeom& g, const T* v, int64_t group) {
-  constexpr int CB = TileShape<acc_t, CL>::CB;
-  std::vector<acc_t> out(CB, acc_t(0));
-  for (int64_t c = 0; c < CB && group * CB + c < g.C; ++c) out[c] = static_cast<acc_t>(v[group * CB + c]);
+  constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
+  std::vector<acc_t> out(VL, acc_t(0));
+  for (int64_t l = 0; l < VL; ++l) {
+    const int64_t c = CL ? group * CB + l : group;
+    if (c < g.C) out[l] = static_cast<acc_t>(v[c]);
+  }
   return out;
 }
 
+// Values of one plane in a dense buffer of plane_len(g) elements: H*W*CB, rounded up to whole vectors.
+template <typename acc_t, bool CL>
+int64_t plane_len(const PlaneGeom& g) {
+  return round_up(g.HW * TileShape<acc_t, CL>::CB, Simd<acc_t>::N);
+}
+
+// Dense plane <- plane (n, group) of a tensor (lanes past C untouched).
+template <typename scalar_t, typename acc_t, bool CL>
+void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, acc_t* dst) {
+  constexpr int CB = TileShape<acc_t, CL>::CB;
+  const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
+  const scalar_t* s = src + elem_offset<CL>(g, n, c0, 0);
+  if (!CL) {
+    for (int64_t p = 0; p < g.HW; ++p) dst[p] = static_cast<acc_t>(s[p]);
+  } else if (cb == CB) {
+    for (int64_t p = 0; p < g.HW; ++p)
+      for (int c = 0; c < CB; ++c) dst[p * CB + c] = static_cast<acc_t>(s[p * g.C + c]);
+  } else {
+    for (int64_t p = 0; p < g.HW; ++p)
+      for (int64_t c = 0; c < cb; ++c) dst[p * CB + c] = static_cast<acc_t>(s[p * g.C + c]);
+  }
+}
+
+// Plane (n, group) of a tensor <- dense plane (valid lanes only).
+template <typename scalar_t, typename acc_t, bool CL>
+void scatter_plane(const PlaneGeom& g, const acc_t* src, int64_t n, int64_t group, scalar_t* dst) {
+  constexpr int CB = TileShape<acc_t, CL>::CB;
+  const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
+  scalar_t* d = dst + elem_offset<CL>(g, n, c0, 0);
+  if (!CL) {
+    for (int64_t p = 0; p < g.HW; ++p) d[p] = static_cast<scalar_t>(src[p]);
+  } else if (cb == CB) {
+    for (int64_t p = 0; p < g.HW; ++p)
+      for (int c = 0; c < CB; ++c) d[p * g.C + c] = static_cast<scalar_t>(src[p * CB + c]);
+  } else {
+    for (int64_t p = 0; p < g.HW; ++p)
+      for (int64_t c = 0; c < cb; ++c) d[p * g.C + c] = static_cast<scalar_t>(src[p * CB + c]);
+  }
+}
+
+// Dense plane -> interior of a zero-halo buffer at offset (off, off).
+template <typename acc_t, bool CL>
+void plane_to_padded(const PlaneGeom& g, const acc_t* src, int64_t off, acc_t* buf) {
+  constexpr int CB = TileShape<acc_t, CL>::CB;
+  for (int64_t h = 0; h < g.H; ++h)
+    std::memcpy(buf + ((h + off) * g.buf_w + off) * CB, src + h * g.W * CB, g.W * CB * sizeof(acc_t));
+}
+
+// Sum of a lane array: per channel in channels_last, all lanes together in NCHW.
+template <typename acc_t, bool CL>
+void reduce_lanes(const acc_t* lanes, double* out) {
+  constexpr int VL = Simd<acc_t>::N;
+  if (CL) {
+    for (int l = 0; l < VL; ++l) out[l] += lanes[l];
+  } else {
+    double s = 0;
+    for (int l = 0; l < VL; ++l) s += lanes[l];
+    out[0] += s;
+  }
+}
+
 // out[h][w][c] = bias[c] + sum_{i,j} wt[i*k+j][c] * buf[h+i][w+j][c]   (cross-correlation)
-// for h < H, w < W; out is dense H x W x CB.
+// for h < H, w < W; out is dense H x W x CB. Register tiles: channels_last keeps WB pixels of one
+// 64-byte channel vector each; NCHW keeps RB rows of one vector along w and broadcasts the weight.
+// Either way a tap costs ~1.25 vector loads per FMA, which is the FMA rate of the core.
 template <typename acc_t, bool CL>
 void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
   using S = TileShape<acc_t, CL>;
-  constexpr int CB = S::CB, RB = S::RB, WB = S::WB;
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int CB = S::CB, RB = S::RB, WB = S::WB, VL = Vec::N;
   const int64_t row = g.buf_w * CB;
-  for (int64_t h0 = 0; h0 < g.H; h0 += RB) {
-    for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
-      acc_t acc[RB][WB][CB];
-#pragma GCC unroll 16
-      for (int r = 0; r < RB; ++r)
-        for (int w = 0; w < WB; ++w)
-          for (int c = 0; c < CB; ++c) acc[r][w][c] = bias[c];
-      for (int64_t i = 0; i < g.k; ++i) {
-        for (int64_t j = 0; j < g.k; ++j) {
-          const acc_t* wv = wt + (i * g.k + j) * CB;
-          const acc_t* in = buf + (h0 + i) * row + (w0 + j) * CB;
-#pragma GCC unroll 16
-          for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 16
-            for (int w = 0; w < WB; ++w)
-#pragma GCC unroll 64
-              for (int c = 0; c < CB; ++c) acc[r][w][c] += wv[c] * in[r * row + w * CB + c];
+  if constexpr (CL) {
+    const V bv = Vec::load(bias);
+    for (int64_t h = 0; h < g.H; ++h) {
+      for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
+        V acc[WB];
+        for (int w = 0; w < WB; ++w) acc[w] = bv;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const acc_t* in_row = buf + (h + i) * row + w0 * CB;
+          const acc_t* wrow = wt + i * g.k * CB;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const V wv = Vec::load(wrow + j * CB);
+            const acc_t* in = in_row + j * CB;
+#pragma GCC unroll 8
+            for (int w = 0; w < WB; ++w) acc[w] += wv * Vec::load(in + w * CB);
+          }
+        }
+        for (int w = 0; w < WB && w0 + w < g.W; ++w) Vec::store(out + (h * g.W + w0 + w) * CB, acc[w]);
+      }
+    }
+  } else {
+    static_assert(WB == VL, "NCHW tiles are one vector wide");
+    const V bv = Vec::broadcast(bias[0]);
+    for (int64_t h0 = 0; h0 < g.H; h0 += RB) {
+      for (int64_t w0 = 0; w0 < g.W; w0 += VL) {
+        V acc[RB];
+        for (int r = 0; r < RB; ++r) acc[r] = bv;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const acc_t* in_row = buf + (h0 + i) * row + w0;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const V wv = Vec::broadcast(wt[i * g.k + j]);
+#pragma GCC unroll 8
+            for (int r = 0; r < RB; ++r) acc[r] += wv * Vec::load(in_row + r * row + j);
+          }
+        }
+        const int64_t n = std::min<int64_t>(VL, g.W - w0);
+        for (int r = 0; r < RB && h0 + r < g.H; ++r) {
+          if (n == VL) {
+            Vec::store(out + (h0 + r) * g.W + w0, acc[r]);
+          } else {
+            acc_t tmp[VL];
+            Vec::store(tmp, acc[r]);
+            std::memcpy(out + (h0 + r) * g.W + w0, tmp, n * sizeof(acc_t));
+          }
         }
       }
-      for (int r = 0; r < RB && h0 + r < g.H; ++r)
-        for (int w = 0; w < WB && w0 + w < g.W; ++w)
-          for (int c = 0; c < CB; ++c) out[((h0 + r) * g.W + w0 + w) * CB + c] = acc[r][w][c];
     }
   }
 }
 
-// Per-thread working memory, allocated once per parallel chunk.
+// part[tap][c] += sum_{h,w} dt[h][w][c] * xpad[h+i][w+j][c]: the depthwise weight gradient of one
+// plane. dt sits in a zero-padded buffer at offset (pr, pr), so whole vectors past W read zeros.
+template <typename acc_t, bool CL>
+void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const acc_t* xpad, double* dwacc) {
+  using S = TileShape<acc_t, CL>;
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int CB = S::CB, VL = Vec::N;
+  const int64_t row = g.buf_w * CB;
+  for (int64_t i = 0; i < g.k; ++i) {
+    for (int64_t j = 0; j < g.k; ++j) {
+      V part = {};
+      for (int64_t h = 0; h < g.H; ++h) {
+        const acc_t* d = dtpad + (h + pr) * row + pr * CB;
+        const acc_t* xr = xpad + (h + i) * row + j * CB;
+        if constexpr (CL) {
+          for (int64_t w = 0; w < g.W; ++w) part += Vec::load(d + w * CB) * Vec::load(xr + w * CB);
+        } else {
+          for (int64_t w = 0; w < g.W; w += VL) part += Vec::load(d + w) * Vec::load(xr + w);
+        }
+      }
+      double* dst = dwacc + (i * g.k + j) * CB;
+      if constexpr (CL) {
+        for (int c = 0; c < CB; ++c) dst[c] += part[c];
+      } else {
+        dst[0] += Vec::sum(part);
+      }
+    }
+  }
+}
+
+// Per-thread working memory, allocated once per parallel chunk (zeroed once: halos and lane padding
+// are never written afterwards).
 template <typename acc_t, bool CL>
 struct Scratch {
-  std::vector<acc_t> pad, plane, batch;
+  std::vector<acc_t> pad, plane, aux, batch;
   Scratch(const PlaneGeom& g, bool need_batch) {
     constexpr int CB = TileShape<acc_t, CL>::CB;
-    pad.resize(g.buf_h * g.buf_w * CB);
-    plane.resize(g.HW * CB);
-    if (need_batch) batch.resize(g.N * g.HW * CB);
+    const int64_t len = plane_len<acc_t, CL>(g);
+    pad.assign(g.buf_h * g.buf_w * CB, acc_t(0));
+    plane.assign(len, acc_t(0));
+    aux.assign(len, acc_t(0));
+    if (need_batch) batch.assign(g.N * len, acc_t(0));
   }
 };
 
@@ -162,8 +290,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
                   double eps, int64_t act, at::Tensor& y, at::Tensor& var) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int CB = TileShape<acc_t, CL>::CB;
+  constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
+  const int64_t len = plane_len<acc_t, CL>(g);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   const scalar_t* bp = bias.const_data_ptr<scalar_t>();
@@ -176,46 +305,50 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
-    // y = x + scale*g + shift over one plane of g values (dense HW x CB).
-    auto apply_plane = [&](int64_t n, int64_t group, const acc_t* gv, const acc_t* scale, const acc_t* shift) {
-      const int64_t c0 = group * CB;
-      const int64_t cb = std::min<int64_t>(CB, g.C - c0);
-      for (int64_t p = 0; p < g.HW; ++p) {
-        const int64_t o = elem_offset<CL>(g, n, c0, p);
-        for (int64_t c = 0; c < cb; ++c)
-          yp[o + c] = static_cast<scalar_t>(static_cast<acc_t>(xp[o + c]) + scale[c] * gv[p * CB + c] + shift[c]);
+    // Per-lane BN affine: scale = gamma*rstd, shift = beta - mean*scale.
+    auto affine = [&](int64_t group, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+      const auto ga = group_lanes<acc_t, CL>(g, gp, group), be = group_lanes<acc_t, CL>(g, betap, group);
+      const auto mu = group_lanes<acc_t, CL>(g, meanp, group), rs = group_lanes<acc_t, CL>(g, rstdp, group);
+      scale.resize(VL);
+      shift.resize(VL);
+      for (int l = 0; l < VL; ++l) {
+        scale[l] = ga[l] * rs[l];
+        shift[l] = be[l] - mu[l] * scale[l];
       }
     };
-    auto affine = [&](int64_t group, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
-      scale.assign(CB, acc_t(0));
-      shift.assign(CB, acc_t(0));
-      for (int64_t c = 0; c < CB && group * CB + c < g.C; ++c) {
-        const int64_t ch = group * CB + c;
-        scale[c] = gp[ch] * rstdp[ch];
-        shift[c] = betap[ch] - meanp[ch] * scale[c];
-      }
+    // y = x + scale*g + shift on one plane (xb: the plane of x, dense; overwritten with y).
+    auto apply = [&](acc_t* xb, const acc_t* gv, const acc_t* scale, const acc_t* shift) {
+      for (int64_t e = 0; e < len; e += VL)
+        for (int l = 0; l < VL; ++l) xb[e + l] = xb[e + l] + scale[l] * gv[e + l] + shift[l];
     };
 
     if (!batch_stats) {
-      // Eval: planes are independent; one pass.
+      // Eval: planes are independent; one pass (x is read by load_padded and again, from cache, by gather).
       at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
         Scratch<acc_t, CL> s(g, false);
         std::vector<acc_t> scale, shift;
+        int64_t cur = -1;
+        std::vector<acc_t> wt, bv;
         for (int64_t idx = begin; idx < end; ++idx) {
           const int64_t n = idx / g.groups, group = idx % g.groups;
-          const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
-          const auto bv = group_lanes<acc_t, CL>(g, bp, group);
-          affine(group, scale, shift);
+          if (group != cur) {
+            wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
+            bv = group_lanes<acc_t, CL>(g, bp, group);
+            affine(group, scale, shift);
+            cur = group;
+          }
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), s.plane.data());
-          for (int64_t e = 0; e < g.HW * CB; ++e) s.plane[e] = act_forward<A>(s.plane[e]);
-          apply_plane(n, group, s.plane.data(), scale.data(), shift.data());
+          for (int64_t e = 0; e < len; ++e) s.plane[e] = act_forward<A>(s.plane[e]);
+          gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data());
+          apply(s.aux.data(), s.plane.data(), scale.data(), shift.data());
+          scatter_plane<scalar_t, acc_t, CL>(g, s.aux.data(), n, group, yp);
         }
       });
       return;
     }
 
-    // Training: each thread owns whole channel groups.
+    // Training: each thread owns whole channel groups; g of the whole batch stays in its scratch.
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
@@ -224,32 +357,45 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
         const auto bv = group_lanes<acc_t, CL>(g, bp, group);
         acc_t* G = s.batch.data();
+        double sum[VL] = {0}, m2[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
-          acc_t* gn = G + n * g.HW * CB;
+          acc_t* gn = G + n * len;
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), gn);
-          for (int64_t e = 0; e < g.HW * CB; ++e) gn[e] = act_forward<A>(gn[e]);
+          acc_t part[VL] = {0};
+          for (int64_t e = 0; e < g.HW * CB; e += VL)  // lanes past H*W*CB (NCHW) stay out of the sums
+            for (int l = 0; l < VL; ++l) {
+              gn[e + l] = act_forward<A>(gn[e + l]);
+              part[l] += (e + l < g.HW * CB) ? gn[e + l] : acc_t(0);
+            }
+          reduce_lanes<acc_t, CL>(part, sum);
         }
-        // Exact two-pass statistics over the cached g (double sums), per lane.
-        double sum[CB] = {0}, m2[CB] = {0};
-        for (int64_t p = 0; p < M; ++p)
-          for (int c = 0; c < CB; ++c) sum[c] += static_cast<double>(G[p * CB + c]);
-        acc_t mu[CB];
-        for (int c = 0; c < CB; ++c) mu[c] = static_cast<acc_t>(sum[c] / static_cast<double>(M));
-        for (int64_t p = 0; p < M; ++p)
-          for (int c = 0; c < CB; ++c) {
-            const double d = static_cast<double>(G[p * CB + c] - mu[c]);
-            m2[c] += d * d;
-          }
+        // Exact two-pass statistics over the cached g.
+        std::vector<acc_t> mu(VL);
+        for (int l = 0; l < VL; ++l) mu[l] = static_cast<acc_t>(sum[CL ? l : 0] / static_cast<double>(M));
+        for (int64_t n = 0; n < g.N; ++n) {
+          const acc_t* gn = G + n * len;
+          acc_t part[VL] = {0};
+          for (int64_t e = 0; e < g.HW * CB; e += VL)
+            for (int l = 0; l < VL; ++l) {
+              const acc_t d = (e + l < g.HW * CB) ? gn[e + l] - mu[l] : acc_t(0);
+              part[l] += d * d;
+            }
+          reduce_lanes<acc_t, CL>(part, m2);
+        }
         for (int64_t c = 0; c < CB && group * CB + c < g.C; ++c) {
           const int64_t ch = group * CB + c;
-          const double var = m2[c] / static_cast<double>(M);
+          const double v = m2[c] / static_cast<double>(M);
           meanp[ch] = mu[c];
-          varp[ch] = static_cast<acc_t>(var);
-          rstdp[ch] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+          varp[ch] = static_cast<acc_t>(v);
+          rstdp[ch] = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
         }
         affine(group, scale, shift);
-        for (int64_t n = 0; n < g.N; ++n) apply_plane(n, group, G + n * g.HW * CB, scale.data(), shift.data());
+        for (int64_t n = 0; n < g.N; ++n) {
+          gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data());
+          apply(s.aux.data(), G + n * len, scale.data(), shift.data());
+          scatter_plane<scalar_t, acc_t, CL>(g, s.aux.data(), n, group, yp);
+        }
       }
     });
   });
@@ -261,9 +407,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
                    int64_t act, at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dgamma,
                    at::Tensor& dbeta) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int CB = TileShape<acc_t, CL>::CB;
+  constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
-  const int64_t kk = g.k * g.k, pr = g.k - 1 - g.pl, M = g.N * g.HW;
+  const int64_t kk = g.k * g.k, pr = g.k - 1 - g.pl, M = g.N * g.HW, len = plane_len<acc_t, CL>(g);
+  const int64_t valid = g.HW * CB;  // NCHW planes end mid-vector; lanes past it are masked out of sums
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
@@ -281,8 +428,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     constexpr int A = decltype(ACT)::value;
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
-      std::vector<acc_t> dtpad(s.pad.size());
-      std::vector<acc_t> zero(CB, acc_t(0));
+      std::vector<acc_t> dtpad(s.pad.size(), acc_t(0));
+      std::vector<acc_t> zero(VL, acc_t(0));
       for (int64_t group = begin; group < end; ++group) {
         const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
@@ -292,79 +439,61 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         const auto rs = group_lanes<acc_t, CL>(g, rstdp, group);
         const auto ga = group_lanes<acc_t, CL>(g, gp, group);
         acc_t* T = s.batch.data();
+        acc_t* dyb = s.aux.data();
 
-        // Pass 1: recompute t, reduce sum(dy) and sum(dy * ghat).
-        double sdy[CB] = {0}, sdyg[CB] = {0};
+        // Pass 1: recompute t into the scratch, reduce sum(dy) and sum(dy * ghat).
+        double sdy[VL] = {0}, sdyg[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
-          acc_t* tn = T + n * g.HW * CB;
+          acc_t* tn = T + n * len;
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), tn);
-          for (int64_t p = 0; p < g.HW; ++p) {
-            const int64_t o = elem_offset<CL>(g, n, c0, p);
-            for (int64_t c = 0; c < cb; ++c) {
-              const acc_t d = static_cast<acc_t>(dyp[o + c]);
-              const acc_t gh = (act_forward<A>(tn[p * CB + c]) - mu[c]) * rs[c];
-              sdy[c] += d;
-              sdyg[c] += d * gh;
+          gather_plane<scalar_t, acc_t, CL>(g, dyp, n, group, dyb);
+          acc_t p1[VL] = {0}, p2[VL] = {0};
+          for (int64_t e = 0; e < len; e += VL)
+            for (int l = 0; l < VL; ++l) {
+              const acc_t d = (e + l < valid) ? dyb[e + l] : acc_t(0);
+              p1[l] += d;
+              p2[l] += d * ((act_forward<A>(tn[e + l]) - mu[l]) * rs[l]);
             }
-          }
+          reduce_lanes<acc_t, CL>(p1, sdy);
+          reduce_lanes<acc_t, CL>(p2, sdyg);
         }
         // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat).
-        acc_t a[CB], c1[CB], c2[CB];
-        for (int c = 0; c < CB; ++c) {
-          a[c] = ga[c] * rs[c];
-          c1[c] = batch_stats ? static_cast<acc_t>(sdy[c] / static_cast<double>(M)) : acc_t(0);
-          c2[c] = batch_stats ? static_cast<acc_t>(sdyg[c] / static_cast<double>(M)) : acc_t(0);
+        acc_t a[VL], c1[VL], c2[VL];
+        for (int l = 0; l < VL; ++l) {
+          const int lc = CL ? l : 0;
+          a[l] = ga[l] * rs[l];
+          c1[l] = batch_stats ? static_cast<acc_t>(sdy[lc] / static_cast<double>(M)) : acc_t(0);
+          c2[l] = batch_stats ? static_cast<acc_t>(sdyg[lc] / static_cast<double>(M)) : acc_t(0);
         }
 
         // Pass 2: dt, db, dw, dx.
         std::vector<double> dwacc(kk * CB, 0.0);
-        double dbacc[CB] = {0};
-        const int64_t row = g.buf_w * CB;
+        double dbacc[VL] = {0};
+        acc_t* dtb = s.plane.data();
         for (int64_t n = 0; n < g.N; ++n) {
-          const acc_t* tn = T + n * g.HW * CB;
-          // dt into the dx buffer, placed so that conv with the flipped kernel gives conv_transpose.
-          std::fill(dtpad.begin(), dtpad.end(), acc_t(0));
-          for (int64_t h = 0; h < g.H; ++h)
-            for (int64_t w = 0; w < g.W; ++w) {
-              const int64_t p = h * g.W + w;
-              const int64_t o = elem_offset<CL>(g, n, c0, p);
-              acc_t* dst = dtpad.data() + (h + pr) * row + (w + pr) * CB;
-              for (int64_t c = 0; c < cb; ++c) {
-                const acc_t t = tn[p * CB + c];
-                const acc_t gh = (act_forward<A>(t) - mu[c]) * rs[c];
-                const acc_t dt = a[c] * (static_cast<acc_t>(dyp[o + c]) - c1[c] - gh * c2[c]) * act_backward<A>(t);
-                dst[c] = dt;
-                dbacc[c] += dt;
-              }
+          const acc_t* tn = T + n * len;
+          gather_plane<scalar_t, acc_t, CL>(g, dyp, n, group, dyb);
+          acc_t pdb[VL] = {0};
+          for (int64_t e = 0; e < len; e += VL)
+            for (int l = 0; l < VL; ++l) {
+              const acc_t t = tn[e + l];
+              const acc_t gh = (act_forward<A>(t) - mu[l]) * rs[l];
+              const acc_t dt = (e + l < valid) ? a[l] * (dyb[e + l] - c1[l] - gh * c2[l]) * act_backward<A>(t) : acc_t(0);
+              dtb[e + l] = dt;
+              pdb[l] += dt;
             }
+          reduce_lanes<acc_t, CL>(pdb, dbacc);
+          // dt into the dx buffer, placed so that conv with the flipped kernel gives conv_transpose
+          // (its halo stays zero: only the H x W interior is ever written).
+          plane_to_padded<acc_t, CL>(g, dtb, pr, dtpad.data());
           // dw[c,i,j] += sum_{h,w} dt[h,w] * xpad[h+i, w+j]
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
-          for (int64_t i = 0; i < g.k; ++i)
-            for (int64_t j = 0; j < g.k; ++j) {
-              acc_t part[CB] = {0};
-              for (int64_t h = 0; h < g.H; ++h) {
-                const acc_t* d = dtpad.data() + (h + pr) * row + pr * CB;
-                const acc_t* xr = s.pad.data() + (h + i) * row + j * CB;
-                if (CB == 1) {
-                  acc_t sacc = 0;
-#pragma omp simd reduction(+ : sacc)
-                  for (int64_t w = 0; w < g.W; ++w) sacc += d[w] * xr[w];
-                  part[0] += sacc;
-                } else {
-                  for (int64_t w = 0; w < g.W; ++w)
-                    for (int c = 0; c < CB; ++c) part[c] += d[w * CB + c] * xr[w * CB + c];
-                }
-              }
-              for (int c = 0; c < CB; ++c) dwacc[(i * g.k + j) * CB + c] += part[c];
-            }
+          weight_grad_plane<acc_t, CL>(g, dtpad.data(), pr, s.pad.data(), dwacc.data());
           // dx = dy + conv(dtpad, flipped w)
-          conv_plane<acc_t, CL>(g, dtpad.data(), wflip.data(), zero.data(), s.plane.data());
-          for (int64_t p = 0; p < g.HW; ++p) {
-            const int64_t o = elem_offset<CL>(g, n, c0, p);
-            for (int64_t c = 0; c < cb; ++c)
-              dxp[o + c] = static_cast<scalar_t>(static_cast<acc_t>(dyp[o + c]) + s.plane[p * CB + c]);
-          }
+          conv_plane<acc_t, CL>(g, dtpad.data(), wflip.data(), zero.data(), dtb);
+          for (int64_t e = 0; e < len; ++e) dyb[e] += dtb[e];
+          scatter_plane<scalar_t, acc_t, CL>(g, dyb, n, group, dxp);
         }
         for (int64_t c = 0; c < cb; ++c) {
           const int64_t ch = c0 + c;

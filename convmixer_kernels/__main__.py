@@ -1,0 +1,31 @@
+"""python -m convmixer_kernels {bench,verify,info}"""
+import sys
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv else "help"
+    if cmd == "bench":
+        from .benchmark import main as bench_main
+        verify = "--no-verify" not in argv
+        rc = bench_main([a for a in argv if a != "--no-verify"])
+        if not verify:
+            return rc
+        from .verify import main as verify_main
+        return rc or verify_main([])
+    if cmd == "verify":
+        from .verify import main as verify_main
+        return verify_main(argv)
+    if cmd == "info":
+        from .verify import info
+        info()
+        return 0
+    print("usage: python -m convmixer_kernels {bench,verify,info} [options]\n"
+          "  bench   block and model benchmarks (then the numerics check)\n"
+          "  verify  numerics report of every op/backend/dtype/layout against the float64 reference\n"
+          "  info    versions, device and backends", file=sys.stderr)
+    return 0 if cmd in ("help", "-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

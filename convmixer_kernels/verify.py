@@ -1,0 +1,73 @@
+"""Numerics report: every op, backend, dtype and layout available here against the float64 reference,
+by the DESIGN.md section 4 rule. Exit status 1 if any line fails."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from . import backends
+from .numerics import compare_block, make_block_params
+
+
+def info():
+    print(f"python {platform.python_version()}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    print("device: " + (torch.cuda.get_device_name() if torch.cuda.is_available() else
+                        f"cpu ({platform.processor() or platform.machine()})"))
+    for name, (ok, why) in backends.available_backends().items():
+        print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
+
+
+def _cases(device):
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    for dtype in dtypes:
+        for layout in ("nchw", "channels_last"):
+            for training in (True, False):
+                yield dtype, layout, training
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m convmixer_kernels verify", description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backends", default=None, help="comma list (default: every available kernel backend "
+                                                     "that runs on the device)")
+    args = ap.parse_args(argv)
+    avail = backends.available_backends()
+    names = args.backends.split(",") if args.backends else [
+        n for n, (ok, _) in avail.items() if ok and n != "reference" and
+        args.device in backends.get_backend(n).devices]
+    print(f"[verify] device={args.device} backends={names}")
+    failures = 0
+    torch.manual_seed(0)
+    for backend in names:
+        for dtype, layout, training in _cases(args.device):
+            for kind, act, k, patch in (("dw", "gelu", 9, 1), ("dw", "relu", 4, 1), ("pw", "gelu", 1, 1),
+                                        ("stem", "gelu_tanh", 1, 2)):
+                cin, C = (3, 24) if kind == "stem" else (24, 24)
+                x = torch.randn(2, cin, 10, 10).to(dtype)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                p = make_block_params(kind, C, k=k, cin=cin, patch=patch, dtype=dtype)
+                checks = compare_block(kind, x.to(args.device), p, training, act, patch=patch, steps=2,
+                                       backend=backend)
+                bad = [c for c in checks if not c.ok]
+                failures += len(bad)
+                worst = max(checks, key=lambda c: c.fused_err / c.bound if c.bound else 0.0)
+                label = f"{backend:<8} {kind:<4} k={k} {str(dtype).split('.')[-1]:<8} {layout:<13} " \
+                        f"{'train' if training else 'eval':<5} {act:<9}"
+                print(f"  {'PASS' if not bad else 'FAIL'} {label} worst: {worst}")
+                for c in bad:
+                    print(f"       {c}")
+    print(f"[verify] {'all checks passed' if not failures else f'{failures} check(s) FAILED'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
