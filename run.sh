@@ -16,12 +16,13 @@ fi
 echo "[setup] installing pinned dependencies (requirements.txt)"
 "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" # fail loudly if the install did not work
-if ! "$PY" -c "import convmixer_kernels" 2>/dev/null; then
-  echo "[setup] installing convmixer_kernels (editable)"
+if ! "$PY" -m pip show -q convmixer-kernels >/dev/null 2>&1; then
+  echo "[setup] installing convmixer_kernels (editable; builds the extension)"
   "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+else
+  echo "[setup] rebuilding the extension (incremental)"
+  "$PY" setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(WARNING|warning: build_ext|running)" || true
 fi
-echo "[setup] building the extension (incremental)"
-"$PY" setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(WARNING|warning: build_ext|running)" || true
 "$PY" -c "import convmixer_kernels._C"
 
 job=${1:-}

@@ -33,10 +33,15 @@ def find_cuda_home():
 
 
 def want_cuda(cuda_home):
+    has_sources = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     flag = os.environ.get("CONVMIXER_BUILD_CUDA")
+    if flag == "1" and not has_sources:
+        print("convmixer_kernels: CONVMIXER_BUILD_CUDA=1 but csrc/cuda/ has no .cu sources yet; "
+              "building the CPU backend only")
+        return False
     if flag is not None:
         return flag == "1"
-    return cuda_home is not None and bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    return cuda_home is not None and has_sources
 
 
 def extensions():

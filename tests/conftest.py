@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run on the CPU through Triton's interpreter. The variable must be
+# set before anything (timm, torch._inductor) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _poison_and_seed():

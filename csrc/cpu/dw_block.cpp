@@ -166,6 +166,14 @@ void plane_to_padded(const PlaneGeom& g, const acc_t* src, int64_t off, acc_t* b
     std::memcpy(buf + ((h + off) * g.buf_w + off) * CB, src + h * g.W * CB, g.W * CB * sizeof(acc_t));
 }
 
+// Interior of a padded buffer -> dense plane (the inverse of plane_to_padded).
+template <typename acc_t, bool CL>
+void padded_to_plane(const PlaneGeom& g, const acc_t* buf, int64_t off, acc_t* dst) {
+  constexpr int CB = TileShape<acc_t, CL>::CB;
+  for (int64_t h = 0; h < g.H; ++h)
+    std::memcpy(dst + h * g.W * CB, buf + ((h + off) * g.buf_w + off) * CB, g.W * CB * sizeof(acc_t));
+}
+
 // Sum of a lane array: per channel in channels_last, all lanes together in NCHW.
 template <typename acc_t, bool CL>
 void reduce_lanes(const acc_t* lanes, double* out) {
@@ -323,7 +331,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
     };
 
     if (!batch_stats) {
-      // Eval: planes are independent; one pass (x is read by load_padded and again, from cache, by gather).
+      // Eval: planes are independent; one pass over x (the residual comes from the padded copy).
       at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
         Scratch<acc_t, CL> s(g, false);
         std::vector<acc_t> scale, shift;
@@ -340,7 +348,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), s.plane.data());
           for (int64_t e = 0; e < len; ++e) s.plane[e] = act_forward<A>(s.plane[e]);
-          gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data());
+          padded_to_plane<acc_t, CL>(g, s.pad.data(), g.pl, s.aux.data());
           apply(s.aux.data(), s.plane.data(), scale.data(), shift.data());
           scatter_plane<scalar_t, acc_t, CL>(g, s.aux.data(), n, group, yp);
         }

@@ -1,0 +1,348 @@
+"""Fused depthwise block in Triton:  y = x + gamma * (act(dwconv_k(x) + b) - mean) * rstd + beta.
+
+Tiling: a program (or one loop iteration of a reduction program) owns a "tile" = BLOCK_P consecutive
+pixels (h*W + w) of one image n x BLOCK_C channels. All addressing goes through the tensors' strides,
+so NCHW and channels_last share the kernels; in channels_last (the GPU fast path) the channel axis has
+stride 1 and Triton's stride-1 specialization vectorizes the loads along it. The k x k halo of a tile
+is read through the cache (each tap is a shifted, masked load of the same tile). Offsets are int64
+across images (n * stride_n); within one image they are int32 (the launchers check C*H*W < 2^31).
+
+Passes:
+  eval forward     : _dw_forward_apply_kernel (conv + bias + act + BN affine + residual), one pass.
+  training forward : _dw_forward_stats_kernel (per-program Chan/Welford partials of g = act(t)),
+                     common._bn_stats_finalize_kernel (merge -> mean/var/rstd), then the apply kernel.
+  backward         : [training] _dw_backward_reduce_kernel (partial sum(dy), sum(dy*ghat), t recomputed)
+                     -> sums; _dw_backward_dt_kernel (dt into an fp32 scratch, partial dw/db, and in eval
+                     also the dy sums); _dw_backward_dx_kernel (dx = dy + conv_transpose(dt));
+                     common._sum_rows_kernel reduces every partial buffer in a fixed order.
+Reductions run on a (splits x channel blocks) grid; each program loops over a contiguous range of
+tiles, so partial buffers are [splits, C] regardless of the tile size (which autotuning may change).
+
+fp64 inputs are computed in fp64 (ACC = tl.float64); fp32/fp16/bf16 accumulate in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (INTERPRET, act_backward, act_forward, acc_dtype, check_activation, check_per_channel,
+                     finalize_stats, memory_format_of, new_output, num_programs_hint, sum_rows, tile_moments, tl_acc, welford_merge)
+
+if INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16}, num_warps=1)]
+else:  # Hopper/Ampere: memory-bound; channel blocks of 32-64 fp32/bf16 lanes, 4-8 warps.
+    _CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+                for p, c, w in ((32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (128, 32, 8), (16, 128, 4))]
+_KEY = ["N", "C", "H", "W", "K"]
+
+
+# --- device helpers ---------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_coords(tile, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, pid_c):
+    # tile -> (image n, pixel offsets hw, rows h, cols w, channel offsets c, masks)
+    tiles_per_img = tl.cdiv(H * W, BLOCK_P)
+    n = tile // tiles_per_img
+    hw = (tile % tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n.to(tl.int64), hw, hw // W, hw % W, c, hw < H * W, c < C
+
+
+@triton.jit
+def _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
+                  K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # t[p, c] = b[c] + sum_{i,j} w[c,0,i,j] * x[n, c, h+i-pl, w+j-pl]   (zero padding, pl = (k-1)//2)
+    PL: tl.constexpr = (K - 1) // 2
+    base = x_ptr + n * sxn + c[None, :] * sxc
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    for i in tl.static_range(K):
+        hi = h + (i - PL)
+        row_ok = p_ok & (hi >= 0) & (hi < H)
+        for j in tl.static_range(K):
+            wj = w + (j - PL)
+            ok = row_ok & (wj >= 0) & (wj < W)
+            xv = tl.load(base + (hi * sxh + wj * sxw)[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    return acc
+
+
+# --- forward ----------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _dw_forward_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr,
+                             N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                             K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y = x + A[c]*act(t) + B[c],  A = gamma*rstd, B = beta - mean*A   (eval, and training's apply pass)
+    n, hw, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+    t = _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, ACC, BLOCK_P, BLOCK_C)
+    g = act_forward(t, ACT)
+    scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    shift = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
+    ok = p_ok[:, None] & c_ok[None, :]
+    xv = tl.load(x_ptr + n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None], mask=ok, other=0.0).to(ACC)
+    y = xv + g * scale[None, :] + shift[None, :]
+    tl.store(y_ptr + n * syn + c[None, :] * syc + (h * syh + w * syw)[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _dw_forward_stats_kernel(x_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W, sxn, sxc, sxh, sxw,
+                             K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # part[:, s, c] = (count, mean, M2) of g = act(t) over this program's tiles: per tile exact moments,
+    # merged tile by tile with Chan's rule (never E[g^2] - E[g]^2).
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    total = N * tl.cdiv(H * W, BLOCK_P)
+    per = tl.cdiv(total, splits)
+    start = pid_s * per
+    end = tl.minimum(start + per, total)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    mean_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    m2_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    for tile in range(start, end):
+        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+        t = _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, ACC, BLOCK_P,
+                          BLOCK_C)
+        g = act_forward(t, ACT)
+        count = tl.sum(p_ok.to(ACC), axis=0)
+        mean_b, m2_b = tile_moments(g, p_ok[:, None], count)
+        n_acc, mean_acc, m2_acc = welford_merge(n_acc, mean_acc, m2_acc, count, mean_b, m2_b)
+    c_ok = c < C
+    plane = splits.to(tl.int64) * C
+    offs = pid_s.to(tl.int64) * C + c
+    tl.store(part_ptr + offs, n_acc, mask=c_ok)
+    tl.store(part_ptr + plane + offs, mean_acc, mask=c_ok)
+    tl.store(part_ptr + 2 * plane + offs, m2_acc, mask=c_ok)
+
+
+# --- backward ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
+               K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # (t, ghat = (act(t) - mean) * rstd) with t recomputed from x
+    t = _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, ACC, BLOCK_P, BLOCK_C)
+    mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    rs = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    return t, (act_forward(t, ACT) - mu[None, :]) * rs[None, :]
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _dw_backward_reduce_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
+                               N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+                               K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles (t recomputed)
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    total = N * tl.cdiv(H * W, BLOCK_P)
+    per = tl.cdiv(total, splits)
+    start = pid_s * per
+    end = tl.minimum(start + per, total)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
+    for tile in range(start, end):
+        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+        t, ghat = _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
+                             sxn, sxc, sxh, sxw, K, ACT, ACC, BLOCK_P, BLOCK_C)
+        ok = p_ok[:, None] & c_ok[None, :]
+        dy = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
+        sum_dy += tl.sum(dy, axis=0)
+        sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
+    c_ok = c < C
+    offs = pid_s.to(tl.int64) * C + c
+    tl.store(part_ptr + offs, sum_dy, mask=c_ok)
+    tl.store(part_ptr + splits.to(tl.int64) * C + offs, sum_dyg, mask=c_ok)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _dw_backward_dt_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dt_ptr,
+                           part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H, W,
+                           sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
+                           K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, TRAINING: tl.constexpr,
+                           KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dt = gamma*rstd*(dy - c1 - ghat*c2) * act'(t)   (training: c1 = dbeta/M = sum(dy)/M,
+    #                                                  c2 = dgamma/M = sum(dy*ghat)/M; eval: c1 = c2 = 0)
+    # dt is stored (fp32/fp64 scratch, x's layout) for the dx pass; per program partials:
+    #   part_dw[s, c, i*k+j] = sum dt[n,c,h,w] * x[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
+    #   eval only: part_dy[0|1, s, c] = sum dy | sum dy*ghat (dbeta, dgamma; training had its own pass).
+    PL: tl.constexpr = (K - 1) // 2
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    total = N * tl.cdiv(H * W, BLOCK_P)
+    per = tl.cdiv(total, splits)
+    start = pid_s * per
+    end = tl.minimum(start + per, total)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    a = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    if TRAINING:
+        c1 = tl.load(dbeta_ptr + c, mask=c_ok, other=0.0).to(ACC) / M
+        c2 = tl.load(dgamma_ptr + c, mask=c_ok, other=0.0).to(ACC) / M
+    else:
+        c1 = tl.zeros([BLOCK_C], dtype=ACC)
+        c2 = tl.zeros([BLOCK_C], dtype=ACC)
+    taps = tl.arange(0, KK_PAD)
+    dw_acc = tl.zeros([KK_PAD, BLOCK_C], dtype=ACC)
+    db_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
+    for tile in range(start, end):
+        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+        t, ghat = _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
+                             sxn, sxc, sxh, sxw, K, ACT, ACC, BLOCK_P, BLOCK_C)
+        ok = p_ok[:, None] & c_ok[None, :]
+        dy = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
+        dt = a[None, :] * (dy - c1[None, :] - ghat * c2[None, :]) * act_backward(t, ACT)
+        dt = tl.where(ok, dt, 0.0)
+        tl.store(dt_ptr + n * stn + c[None, :] * stc + (h * sth + w * stw)[:, None], dt, mask=ok)
+        db_acc += tl.sum(dt, axis=0)
+        if not TRAINING:
+            sum_dy += tl.sum(dy, axis=0)
+            sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
+        base = x_ptr + n * sxn + c[None, :] * sxc
+        for i in tl.static_range(K):
+            hi = h + (i - PL)
+            row_ok = p_ok & (hi >= 0) & (hi < H)
+            for j in tl.static_range(K):
+                wj = w + (j - PL)
+                m = row_ok & (wj >= 0) & (wj < W)
+                xv = tl.load(base + (hi * sxh + wj * sxw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
+                contrib = tl.sum(dt * xv.to(ACC), axis=0)
+                dw_acc += tl.where(taps[:, None] == i * K + j, contrib[None, :], 0.0)
+    c_ok = c < C
+    s64 = pid_s.to(tl.int64)
+    tl.store(part_dw_ptr + s64 * C * (K * K) + c[None, :] * (K * K) + taps[:, None], dw_acc,
+             mask=(taps < K * K)[:, None] & c_ok[None, :])
+    tl.store(part_db_ptr + s64 * C + c, db_acc, mask=c_ok)
+    if not TRAINING:
+        tl.store(part_dy_ptr + s64 * C + c, sum_dy, mask=c_ok)
+        tl.store(part_dy_ptr + splits.to(tl.int64) * C + s64 * C + c, sum_dyg, mask=c_ok)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, dx_ptr, N, C, H, W,
+                           sdn, sdc, sdh, sdw, stn, stc, sth, stw, sxn, sxc, sxh, sxw,
+                           K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dx[n,c,h,w] = dy[n,c,h,w] + sum_{i,j} w[c,0,i,j] * dt[n,c,h-i+pl,w-j+pl]   (residual + conv_transpose)
+    PL: tl.constexpr = (K - 1) // 2
+    n, hw, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+    ok = p_ok[:, None] & c_ok[None, :]
+    acc = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
+    base = dt_ptr + n * stn + c[None, :] * stc
+    for i in tl.static_range(K):
+        hi = h - (i - PL)
+        row_ok = p_ok & (hi >= 0) & (hi < H)
+        for j in tl.static_range(K):
+            wj = w - (j - PL)
+            m = row_ok & (wj >= 0) & (wj < W)
+            dtv = tl.load(base + (hi * sth + wj * stw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0).to(ACC)
+            acc += dtv.to(ACC) * wv[None, :]
+    tl.store(dx_ptr + n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None], acc.to(dx_ptr.dtype.element_ty),
+             mask=ok)
+
+
+# --- launchers --------------------------------------------------------------------------------------
+
+def _check(op, x, weight, bias, gamma, beta, mean, rstd, batch_stats):
+    check_activation(op, x)
+    C = x.shape[1]
+    if weight.dim() != 4 or tuple(weight.shape[:2]) != (C, 1) or weight.shape[2] != weight.shape[3]:
+        raise RuntimeError(f"{op}: weight must have shape ({C}, 1, k, k), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or bias.dtype != x.dtype:
+        raise RuntimeError(f"{op}: weight/bias dtype must match the input dtype {x.dtype}")
+    if bias.shape != (C,) or not bias.is_contiguous():
+        raise RuntimeError(f"{op}: bias must be a contiguous ({C},) tensor")
+    acc = acc_dtype(x.dtype)
+    for name, t in (("gamma", gamma), ("beta", beta)) + ((("mean", mean), ("rstd", rstd)) if not batch_stats else ()):
+        check_per_channel(op, name, t, C, acc, x.device)
+    if C * x.shape[2] * x.shape[3] >= 2 ** 31:
+        raise RuntimeError(f"{op}: one image of {C}x{x.shape[2]}x{x.shape[3]} elements exceeds the kernels' "
+                           f"int32 per-image offsets")
+
+
+def _splits(x: torch.Tensor, C: int) -> int:
+    # Programs along the reduced (pixel) axis of a reduction kernel: enough to fill the device.
+    c_blocks = triton.cdiv(C, 64)
+    tiles = x.shape[0] * triton.cdiv(x.shape[2] * x.shape[3], 32)
+    return max(1, min(tiles, triton.cdiv(num_programs_hint(x.device), c_blocks)))
+
+
+def dw_block_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: bool, eps: float, act: int):
+    """Returns [y, mean, rstd, var]: the batch statistics (biased var) when batch_stats, else empty."""
+    _check("dw_block_forward", x, weight, bias, gamma, beta, mean, rstd, batch_stats)
+    N, C, H, W = x.shape
+    K = weight.shape[2]
+    weight = weight.contiguous()
+    acc = acc_dtype(x.dtype)
+    y = new_output(torch.empty_like(x))
+    empty = torch.empty(0, dtype=gamma.dtype, device=x.device)
+    geom = (N, C, H, W) + tuple(x.stride())
+    if batch_stats:
+        S = _splits(x, C)
+        parts = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
+        _dw_forward_stats_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
+            x, weight, bias, parts, *geom, K=K, ACT=act, ACC=tl_acc(x.dtype))
+        mean = new_output(torch.empty(C, dtype=gamma.dtype, device=x.device))
+        rstd = new_output(torch.empty_like(mean))
+        var = new_output(torch.empty_like(mean))
+        finalize_stats(parts, eps, mean, var, rstd)
+    _dw_forward_apply_kernel[lambda m: (N * triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
+        x, weight, bias, gamma, beta, mean, rstd, y, *geom, *y.stride(), K=K, ACT=act, ACC=tl_acc(x.dtype))
+    if not batch_stats:
+        return [y, empty, empty, empty.clone()]
+    return [y, mean, rstd, var]
+
+
+def dw_block_backward(dy, x, weight, bias, gamma, mean, rstd, batch_stats: bool, act: int):
+    """Returns [dx, dweight, dbias, dgamma, dbeta] (dweight/dbias in the weight dtype, dgamma/dbeta in
+    gamma's). The dt scratch between the dt and dx passes is kept in the accumulation dtype."""
+    _check("dw_block_backward", x, weight, bias, gamma, gamma, mean, rstd, False)
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise RuntimeError(f"dw_block_backward: grad_output {dy.dtype} {tuple(dy.shape)} does not match x "
+                           f"{x.dtype} {tuple(x.shape)}")
+    N, C, H, W = x.shape
+    K = weight.shape[2]
+    weight = weight.contiguous()
+    dy = dy.contiguous(memory_format=memory_format_of(x))
+    acc = acc_dtype(x.dtype)
+    ACC = tl_acc(x.dtype)
+    dx = new_output(torch.empty_like(x))
+    dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
+    dbias = new_output(torch.empty_like(bias))
+    dgamma = new_output(torch.empty_like(gamma))
+    dbeta = new_output(torch.empty_like(gamma))
+    dt = new_output(torch.empty_like(x, dtype=acc))
+    S = _splits(x, C)
+    geom = (N, C, H, W) + tuple(x.stride())
+    part_dy = new_output(torch.empty((2, S, C), dtype=acc, device=x.device))
+    if batch_stats:
+        _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
+            dy, x, weight, bias, mean, rstd, part_dy, *geom, *dy.stride(), K=K, ACT=act, ACC=ACC)
+        sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
+        sum_rows(part_dy[1], dgamma)  # dgamma = sum dy*ghat
+    part_dw = new_output(torch.empty((S, C, K * K), dtype=acc, device=x.device))
+    part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
+    _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
+        dy, x, weight, bias, gamma, mean, rstd, dbeta, dgamma, dt, part_dw, part_db, part_dy, N * H * W, *geom,
+        *dy.stride(), *dt.stride(), K=K, ACT=act, ACC=ACC, TRAINING=batch_stats,
+        KK_PAD=triton.next_power_of_2(K * K))
+    if not batch_stats:
+        sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
+        sum_rows(part_dy[1], dgamma)  # dgamma = sum dy*ghat
+    _dw_backward_dx_kernel[lambda m: (N * triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
+        dy, dt, weight, dx, N, C, H, W, *dy.stride(), *dt.stride(), *dx.stride(), K=K, ACC=ACC)
+    sum_rows(part_dw, dweight)
+    sum_rows(part_db, dbias)
+    return [dx, dweight, dbias, dgamma, dbeta]
