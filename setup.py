@@ -52,12 +52,15 @@ def extensions():
     from torch.utils import cpp_extension
 
     arch = os.environ.get("CONVMIXER_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp-simd", f"-march={arch}", "-Wno-unknown-pragmas"]
+    # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless _OPENMP is
+    # defined in *this* translation unit (torch's own libgomp is already loaded when _C is imported).
+    cxx = ["-O3", "-fopenmp", f"-march={arch}", "-Wno-unknown-pragmas"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-mprefer-vector-width=512")  # let auto-vectorized epilogues use AVX-512 where present
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "bindings.cpp")]
     if not with_cuda:
-        return [cpp_extension.CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx})]
+        return [cpp_extension.CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                                           extra_link_args=["-fopenmp"])]
     import torch
 
     nvidia_inc = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include"))
@@ -70,6 +73,7 @@ def extensions():
         include_dirs=[os.path.realpath(p) for p in nvidia_inc],
         define_macros=[("CMK_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
         libraries=["cublasLt", "cublas"])]
 
 
