@@ -187,12 +187,35 @@ void reduce_lanes(const acc_t* lanes, double* out) {
   }
 }
 
+// Sliding-window register tile: acc[a] += sum_{o<K} sum_{s<K} wgt(o, s) * in(o, a + s).
+// For a fixed o each input vector in(o, u) is loaded once and feeds every accumulator a = u - s,
+// so a K x K tap window costs (NACC + K - 1) + K loads per NACC * K FMAs instead of 2 * NACC * K.
+// K and NACC are compile-time so the (u, a) pairs fold into straight-line FMAs on registers.
+template <int K, int NACC, typename V, typename LoadIn, typename LoadW>
+inline void sliding_taps(V (&acc)[NACC], LoadIn in, LoadW wgt) {
+  for (int o = 0; o < K; ++o) {
+    V w[K];
+#pragma GCC unroll 16
+    for (int s = 0; s < K; ++s) w[s] = wgt(o, s);
+#pragma GCC unroll 32
+    for (int u = 0; u < NACC + K - 1; ++u) {
+      const V v = in(o, u);
+#pragma GCC unroll 16
+      for (int a = 0; a < NACC; ++a) {
+        const int s = u - a;
+        if (s >= 0 && s < K) acc[a] += w[s] * v;
+      }
+    }
+  }
+}
+
 // out[h][w][c] = bias[c] + sum_{i,j} wt[i*k+j][c] * buf[h+i][w+j][c]   (cross-correlation)
-// for h < H, w < W; out is dense H x W x CB. Register tiles: channels_last keeps WB pixels of one
-// 64-byte channel vector each; NCHW keeps RB rows of one vector along w and broadcasts the weight.
-// Either way a tap costs ~1.25 vector loads per FMA, which is the FMA rate of the core.
-template <typename acc_t, bool CL>
-void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
+// for h < H, w < W; out is dense H x W x CB. channels_last: the accumulators are WB consecutive
+// pixels of one 64-byte channel vector, the window slides along w (o = i, s = j). NCHW: they are RB
+// consecutive rows of one vector along w, the window slides down the rows (o = j, s = i) with the
+// weight broadcast. K is a template parameter (1..9 cover ConvMixer); other k take the generic loop.
+template <int K, typename acc_t, bool CL>
+void conv_plane_k(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
   using S = TileShape<acc_t, CL>;
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
@@ -204,16 +227,10 @@ void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc
       for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
         V acc[WB];
         for (int w = 0; w < WB; ++w) acc[w] = bv;
-        for (int64_t i = 0; i < g.k; ++i) {
-          const acc_t* in_row = buf + (h + i) * row + w0 * CB;
-          const acc_t* wrow = wt + i * g.k * CB;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const V wv = Vec::load(wrow + j * CB);
-            const acc_t* in = in_row + j * CB;
-#pragma GCC unroll 8
-            for (int w = 0; w < WB; ++w) acc[w] += wv * Vec::load(in + w * CB);
-          }
-        }
+        const acc_t* base = buf + h * row + w0 * CB;
+        sliding_taps<K, WB>(
+            acc, [&](int i, int u) { return Vec::load(base + i * row + u * CB); },
+            [&](int i, int j) { return Vec::load(wt + (i * K + j) * CB); });
         for (int w = 0; w < WB && w0 + w < g.W; ++w) Vec::store(out + (h * g.W + w0 + w) * CB, acc[w]);
       }
     }
@@ -224,14 +241,10 @@ void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc
       for (int64_t w0 = 0; w0 < g.W; w0 += VL) {
         V acc[RB];
         for (int r = 0; r < RB; ++r) acc[r] = bv;
-        for (int64_t i = 0; i < g.k; ++i) {
-          const acc_t* in_row = buf + (h0 + i) * row + w0;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const V wv = Vec::broadcast(wt[i * g.k + j]);
-#pragma GCC unroll 8
-            for (int r = 0; r < RB; ++r) acc[r] += wv * Vec::load(in_row + r * row + j);
-          }
-        }
+        const acc_t* base = buf + h0 * row + w0;
+        sliding_taps<K, RB>(
+            acc, [&](int j, int u) { return Vec::load(base + u * row + j); },
+            [&](int j, int i) { return Vec::broadcast(wt[i * K + j]); });
         const int64_t n = std::min<int64_t>(VL, g.W - w0);
         for (int r = 0; r < RB && h0 + r < g.H; ++r) {
           if (n == VL) {
@@ -247,26 +260,104 @@ void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc
   }
 }
 
+// Any k: one vector load per tap and accumulator (correct, slower; k > 9 is rare in ConvMixers).
+template <typename acc_t, bool CL>
+void conv_plane_generic(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
+  using S = TileShape<acc_t, CL>;
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int CB = S::CB, RB = S::RB, WB = S::WB, VL = Vec::N;
+  constexpr int NACC = CL ? WB : RB;
+  const int64_t row = g.buf_w * CB;
+  for (int64_t h0 = 0; h0 < g.H; h0 += RB) {
+    for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
+      V acc[NACC];
+      for (int a = 0; a < NACC; ++a) acc[a] = CL ? Vec::load(bias) : Vec::broadcast(bias[0]);
+      for (int64_t i = 0; i < g.k; ++i)
+        for (int64_t j = 0; j < g.k; ++j) {
+          const V wv = CL ? Vec::load(wt + (i * g.k + j) * CB) : Vec::broadcast(wt[i * g.k + j]);
+          const acc_t* in = buf + (h0 + i) * row + (w0 + j) * CB;
+          for (int a = 0; a < NACC; ++a) acc[a] += wv * Vec::load(in + (CL ? a * CB : a * row));
+        }
+      for (int a = 0; a < NACC; ++a) {
+        const int64_t h = CL ? h0 : h0 + a;
+        if (h >= g.H) break;
+        if (CL) {
+          if (w0 + a < g.W) Vec::store(out + (h * g.W + w0 + a) * CB, acc[a]);
+        } else {
+          acc_t tmp[VL];
+          Vec::store(tmp, acc[a]);
+          std::memcpy(out + h * g.W + w0, tmp, std::min<int64_t>(VL, g.W - w0) * sizeof(acc_t));
+        }
+      }
+    }
+  }
+}
+
+template <typename acc_t, bool CL>
+void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
+  switch (g.k) {
+    case 1: return conv_plane_k<1, acc_t, CL>(g, buf, wt, bias, out);
+    case 2: return conv_plane_k<2, acc_t, CL>(g, buf, wt, bias, out);
+    case 3: return conv_plane_k<3, acc_t, CL>(g, buf, wt, bias, out);
+    case 4: return conv_plane_k<4, acc_t, CL>(g, buf, wt, bias, out);
+    case 5: return conv_plane_k<5, acc_t, CL>(g, buf, wt, bias, out);
+    case 6: return conv_plane_k<6, acc_t, CL>(g, buf, wt, bias, out);
+    case 7: return conv_plane_k<7, acc_t, CL>(g, buf, wt, bias, out);
+    case 8: return conv_plane_k<8, acc_t, CL>(g, buf, wt, bias, out);
+    case 9: return conv_plane_k<9, acc_t, CL>(g, buf, wt, bias, out);
+    default: return conv_plane_generic<acc_t, CL>(g, buf, wt, bias, out);
+  }
+}
+
 // part[tap][c] += sum_{h,w} dt[h][w][c] * xpad[h+i][w+j][c]: the depthwise weight gradient of one
 // plane. dt sits in a zero-padded buffer at offset (pr, pr), so whole vectors past W read zeros.
-template <typename acc_t, bool CL>
-void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const acc_t* xpad, double* dwacc) {
+// For each tap row i, the K accumulators of that row share every dt load (~1 + 1/K loads per FMA).
+template <int K, typename acc_t, bool CL>
+void weight_grad_plane_k(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const acc_t* xpad, double* dwacc) {
   using S = TileShape<acc_t, CL>;
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
   constexpr int CB = S::CB, VL = Vec::N;
+  constexpr int64_t step = CL ? 1 : VL;  // w advance per vector
   const int64_t row = g.buf_w * CB;
-  for (int64_t i = 0; i < g.k; ++i) {
+  for (int i = 0; i < K; ++i) {
+    V acc[K] = {};
+    for (int64_t h = 0; h < g.H; ++h) {
+      const acc_t* d = dtpad + (h + pr) * row + pr * CB;
+      const acc_t* xr = xpad + (h + i) * row;
+      for (int64_t w = 0; w < g.W; w += step) {
+        const V dv = Vec::load(d + w * CB);
+#pragma GCC unroll 16
+        for (int j = 0; j < K; ++j) acc[j] += dv * Vec::load(xr + (w + j) * CB);
+      }
+    }
+    for (int j = 0; j < K; ++j) {
+      double* dst = dwacc + (i * K + j) * CB;
+      if constexpr (CL) {
+        for (int c = 0; c < CB; ++c) dst[c] += acc[j][c];
+      } else {
+        dst[0] += Vec::sum(acc[j]);
+      }
+    }
+  }
+}
+
+template <typename acc_t, bool CL>
+void weight_grad_plane_generic(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const acc_t* xpad, double* dwacc) {
+  using S = TileShape<acc_t, CL>;
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int CB = S::CB, VL = Vec::N;
+  constexpr int64_t step = CL ? 1 : VL;
+  const int64_t row = g.buf_w * CB;
+  for (int64_t i = 0; i < g.k; ++i)
     for (int64_t j = 0; j < g.k; ++j) {
       V part = {};
       for (int64_t h = 0; h < g.H; ++h) {
         const acc_t* d = dtpad + (h + pr) * row + pr * CB;
         const acc_t* xr = xpad + (h + i) * row + j * CB;
-        if constexpr (CL) {
-          for (int64_t w = 0; w < g.W; ++w) part += Vec::load(d + w * CB) * Vec::load(xr + w * CB);
-        } else {
-          for (int64_t w = 0; w < g.W; w += VL) part += Vec::load(d + w) * Vec::load(xr + w);
-        }
+        for (int64_t w = 0; w < g.W; w += step) part += Vec::load(d + w * CB) * Vec::load(xr + w * CB);
       }
       double* dst = dwacc + (i * g.k + j) * CB;
       if constexpr (CL) {
@@ -275,6 +366,21 @@ void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const
         dst[0] += Vec::sum(part);
       }
     }
+}
+
+template <typename acc_t, bool CL>
+void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const acc_t* xpad, double* dwacc) {
+  switch (g.k) {
+    case 1: return weight_grad_plane_k<1, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 2: return weight_grad_plane_k<2, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 3: return weight_grad_plane_k<3, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 4: return weight_grad_plane_k<4, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 5: return weight_grad_plane_k<5, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 6: return weight_grad_plane_k<6, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 7: return weight_grad_plane_k<7, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 8: return weight_grad_plane_k<8, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    case 9: return weight_grad_plane_k<9, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
+    default: return weight_grad_plane_generic<acc_t, CL>(g, dtpad, pr, xpad, dwacc);
   }
 }
 
@@ -338,7 +444,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
         int64_t cur = -1;
         std::vector<acc_t> wt, bv;
         for (int64_t idx = begin; idx < end; ++idx) {
-          const int64_t n = idx / g.groups, group = idx % g.groups;
+          const int64_t group = idx / g.N, n = idx % g.N;  // group-major: weights reused across n
           if (group != cur) {
             wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
             bv = group_lanes<acc_t, CL>(g, bp, group);
