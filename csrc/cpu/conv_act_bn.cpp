@@ -62,6 +62,7 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
           acc_t* row = T + p * s.C;
+#pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             row[c] += bv[c];
             sum[c] += act_forward<A>(row[c]);
@@ -71,6 +72,7 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
         std::fill(m2.begin(), m2.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
           const acc_t* row = T + p * s.C;
+#pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t d = act_forward<A>(row[c]) - mu[c];
             m2[c] += d * d;
@@ -130,6 +132,7 @@ void apply_pass(const PCQ& s, const acc_t* T, const scalar_t* bias, scalar_t* t_
       for (int64_t p = p0; p < p1; ++p) {
         if (CL) {
           const int64_t o = p * s.C;
+#pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t t = T[o + c] + bv[c];
             if (t_out) t_out[o + c] = static_cast<scalar_t>(t);
@@ -140,12 +143,14 @@ void apply_pass(const PCQ& s, const acc_t* T, const scalar_t* bias, scalar_t* t_
             const int64_t o = (p * s.C + c) * s.Q;
             const acc_t b0 = bv[c], a = sc[c], d = sh[c];
             if (t_out) {
+#pragma omp simd
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t t = T[o + q] + b0;
                 t_out[o + q] = static_cast<scalar_t>(t);
                 y[o + q] = static_cast<scalar_t>(a * act_forward<A>(t) + d);
               }
             } else {
+#pragma omp simd
               for (int64_t q = 0; q < s.Q; ++q) y[o + q] = static_cast<scalar_t>(a * act_forward<A>(T[o + q] + b0) + d);
             }
           }
@@ -158,13 +163,13 @@ void apply_pass(const PCQ& s, const acc_t* T, const scalar_t* bias, scalar_t* t_
 // Backward elementwise work over (P, C, Q).
 //   reduce_only: sums sum(dy), sum(dy*ghat) per channel.
 //   otherwise  : dt = a*(dy - c1 - ghat*c2)*act'(t) into dT, and sum(dt), sum(dy), sum(dy*ghat).
-template <typename scalar_t, bool CL, int A>
-void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
+template <typename scalar_t, bool CL, int A, bool FORM_DT>
+void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
                    const double* a, const double* c1, const double* c2, scalar_t* dT, double* sum_dt,
                    double* sum_dy, double* sum_dyg) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = num_blocks<CL>(s);
-  const bool form_dt = dT != nullptr;
+  constexpr bool form_dt = FORM_DT;
   const int nthreads = at::get_num_threads();
   std::vector<double> part(static_cast<size_t>(nthreads) * 3 * s.C, 0.0);
   std::vector<acc_t> mu(s.C), rs(s.C), av(s.C), k1(s.C), k2(s.C);
@@ -190,13 +195,14 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
       for (int64_t p = p0; p < p1; ++p) {
         if (CL) {
           const int64_t o = p * s.C;
+#pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t tv = static_cast<acc_t>(t[o + c]);
             const acc_t d = static_cast<acc_t>(dy[o + c]);
             const acc_t gh = (act_forward<A>(tv) - mu[c]) * rs[c];
             sdy[c] += d;
             sdyg[c] += d * gh;
-            if (form_dt) {
+            if constexpr (form_dt) {
               const acc_t dt = av[c] * (d - k1[c] - gh * k2[c]) * act_backward<A>(tv);
               dT[o + c] = static_cast<scalar_t>(dt);
               sdt[c] += dt;
@@ -207,7 +213,7 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
             const int64_t o = (p * s.C + c) * s.Q;
             const acc_t m = mu[c], r = rs[c], aa = av[c], kk1 = k1[c], kk2 = k2[c];
             acc_t s0 = 0, s1 = 0, s2 = 0;
-            if (form_dt) {
+            if constexpr (form_dt) {
 #pragma omp simd reduction(+ : s0, s1, s2)
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t tv = static_cast<acc_t>(t[o + q]);
@@ -253,6 +259,16 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
     sum_dy[c] = a1;
     sum_dyg[c] = a2;
   }
+}
+
+template <typename scalar_t, bool CL, int A>
+void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
+                   const double* a, const double* c1, const double* c2, scalar_t* dT, double* sum_dt,
+                   double* sum_dy, double* sum_dyg) {
+  if (dT)
+    backward_pass_impl<scalar_t, CL, A, true>(s, dy, t, mean, rstd, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
+  else
+    backward_pass_impl<scalar_t, CL, A, false>(s, dy, t, mean, rstd, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
 }
 
 // The GEMM operand Z (patches) and its layout-matched product with W.
