@@ -40,7 +40,8 @@ def report(path):
     rows, groups = load(path)
     meta = rows[0]
     out = [f"Measured on `{meta['device']}`, {meta['threads']} threads, torch {meta['torch']}, {meta['date']}, "
-           f"{meta['reps']} interleaved repetitions per variant.", "",
+           f"{meta['reps']} interleaved repetitions per variant. Ceilings measured in the same run: fp32 GEMM "
+           f"{meta.get('gemm_gflops', '?')} GFLOP/s, copy {meta.get('copy_gbs', '?')} GB/s (read + write).", "",
            f"Command: `{meta['command']}`", ""]
     out += ["| case | mode | variant | median ms | vs eager NCHW | saved MB | saved vs eager |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]

@@ -158,6 +158,28 @@ def bench_case(case: Case, mode: str, device: str, reps: int, warmup: int, with_
     return list(results.values())
 
 
+def measure_ceilings(device: str) -> dict:
+    """The two ceilings the floors are counted against, measured here: fp32 GEMM rate (a 16384 x 256 x
+    256 product, the pointwise conv's shape) and copy bandwidth (bytes read + written)."""
+    a = torch.randn(16384, 256, device=device)
+    b = torch.randn(256, 256, device=device)
+    big = torch.randn(32 * 2**20 // 4, device=device)  # 32 MiB, past the L2 of one core pair
+    def med(fn, n=15):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(n):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    t_mm = med(lambda: torch.mm(a, b))
+    t_cp = med(lambda: big.clone())
+    return {"gemm_gflops": 2 * 16384 * 256 * 256 / t_mm / 1e9, "copy_gbs": 2 * big.numel() * 4 / t_cp / 1e9}
+
+
 def format_table(results: List[Result]) -> str:
     lines = []
     by_case: Dict[tuple, List[Result]] = {}
@@ -185,12 +207,13 @@ def write_csv(results: List[Result], path: str, meta: dict):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["case", "mode", "variant", "median_ms", "speedup_vs_eager_nchw", "saved_bytes", "reps",
-                    "device", "threads", "torch", "date", "command"])
+                    "device", "threads", "torch", "date", "command", "gemm_gflops", "copy_gbs"])
         base = {(r.case, r.mode): r.median_ms for r in results if r.variant == "eager_nchw"}
         for r in results:
             w.writerow([r.case, r.mode, r.variant, f"{r.median_ms:.4f}", f"{base[(r.case, r.mode)] / r.median_ms:.4f}",
                         r.saved_bytes if r.saved_bytes is not None else "", len(r.times_ms), meta["device"],
-                        meta["threads"], meta["torch"], meta["date"], meta["command"]])
+                        meta["threads"], meta["torch"], meta["date"], meta["command"], meta["gemm_gflops"],
+                        meta["copy_gbs"]])
 
 
 def plot_speedups(results: List[Result], path: str):
@@ -243,6 +266,10 @@ def main(argv=None):
                 threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python -m convmixer_kernels bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"[bench] device={args.device} threads={meta['threads']} torch={meta['torch']} reps={args.reps}", flush=True)
+    ceil = measure_ceilings(args.device)
+    meta.update({k: f"{v:.1f}" for k, v in ceil.items()})
+    print(f"[bench] measured ceilings: fp32 GEMM {ceil['gemm_gflops']:.1f} GFLOP/s, copy {ceil['copy_gbs']:.1f} GB/s",
+          flush=True)
     results = []
     for key in args.cases.split(","):
         for mode in args.modes.split(","):
