@@ -94,7 +94,7 @@ void dispatch_dtype_act(ScalarKind k, int act, F&& f) {
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+CMK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // --- layout -----------------------------------------------------------------------------------------
 // A dense 4-D activation (N, C, H, W) in NCHW or channels_last: offset = n*sN + c*sC + (h*W + w)*sP.
