@@ -57,14 +57,17 @@ def extensions():
     cxx = ["-O3", "-fopenmp", f"-march={arch}", "-Wno-unknown-pragmas"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-mprefer-vector-width=512")  # let auto-vectorized epilogues use AVX-512 where present
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "bindings.cpp")]
+    # csrc/cuda_emu/*.cpp: the CUDA kernel sources compiled as host C++ against the emulator (always built).
+    sources = (sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cuda_emu", "*.cpp")))
+               + [os.path.join("csrc", "bindings.cpp")])
     if not with_cuda:
         return [cpp_extension.CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx},
                                            extra_link_args=["-fopenmp"])]
     import torch
 
     nvidia_inc = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include"))
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # kernels (.cu, light headers only) and their at::Tensor launchers (.cpp, host compiler)
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
             "-gencode=arch=compute_90,code=compute_90"]
@@ -73,8 +76,9 @@ def extensions():
         include_dirs=[os.path.realpath(p) for p in nvidia_inc],
         define_macros=[("CMK_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
-        libraries=["cublasLt", "cublas"])]
+        # No direct cuBLAS calls: the GEMMs go through at::mm/at::matmul (torch_cuda links cuBLAS), and
+        # the pip wheels ship only versioned libcublas*.so.N, which a plain -lcublas cannot find.
+        extra_link_args=["-fopenmp"])]
 
 
 def build_ext_class():

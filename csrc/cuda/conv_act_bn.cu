@@ -1,0 +1,178 @@
+// Fused conv -> act -> BatchNorm epilogue for the pointwise (1x1) conv and the patch stem on the GPU.
+// The GEMM itself (T = Z @ W^T and the backward dW = dT^T Z, dZ = dT W) runs through at::matmul in
+// conv_act_bn_launch.cpp; this file holds the per-channel work around it (DESIGN.md section 3):
+//   cab_stats_partial_kernel    training pass 1: t = T + b written back into T, per-thread Welford of
+//                               act(t), block merge by warp shuffles, per-split partials;
+//                               welford_finalize_kernel -> batch mean, var, rstd.
+//   cab_apply_kernel            y = gamma*(act(t) - mean)*rstd + beta (eval: t = T + b), t saved in the
+//                               input dtype when asked.
+//   cab_backward_reduce_kernel  backward pass 1: sum dy, sum dy*ghat per channel.
+//   cab_backward_dt_kernel      backward pass 2: dT = dg * act'(t) in the input dtype, sum dT per channel.
+// t is read from the saved tensor, or recomputed as T_acc + b rounded to the input dtype (as saved).
+#include "cuda_common.cuh"
+
+namespace cmk {
+namespace CMK_KNS {
+namespace {
+
+// The activation input at element offset e of channel c: the saved t, or T_acc + b rounded to T.
+template <typename T>
+CMK_DEV float load_t(const T* __restrict__ t_saved, const float* __restrict__ T_acc, float bias, int64_t e) {
+  return t_saved != nullptr ? to_acc(t_saved[e]) : to_acc(from_acc<T>(T_acc[e] + bias));
+}
+
+template <typename T, int ACT>
+__global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const T* __restrict__ b, int cpb,
+                                         int64_t chunk, float* __restrict__ ws) {
+  const int tid = threadIdx.x, lane_c = tid % cpb;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
+  const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
+  Welford<float> acc;
+  if (c < L.C) {
+    const float bc = to_acc(b[c]);
+    for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
+      const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
+      const float t = Tm[e] + bc;
+      Tm[e] = t;
+      acc.merge(1.f, act_forward<ACT>(t), 0.f);
+    }
+  }
+  block_channel_welford(acc, cpb);
+  if (tid < cpb && c < L.C) {
+    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
+    o[0] = acc.count;
+    o[1] = acc.mean;
+    o[2] = acc.m2;
+  }
+}
+
+// Elementwise over the dense output (element e has channel (e / sC) % C for either layout).
+template <typename T, int ACT>
+__global__ void cab_apply_kernel(Layout L, const float* __restrict__ Tm, const T* __restrict__ b_or_null,
+                                 const float* __restrict__ gamma, const float* __restrict__ beta,
+                                 const float* __restrict__ mean, const float* __restrict__ rstd,
+                                 T* __restrict__ t_out, T* __restrict__ y, int64_t numel) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
+    const int64_t c = (e / L.sC) % L.C;
+    const float t = Tm[e] + (b_or_null != nullptr ? to_acc(b_or_null[c]) : 0.f);
+    if (t_out != nullptr) t_out[e] = from_acc<T>(t);
+    const float a = gamma[c] * rstd[c];
+    y[e] = from_acc<T>(a * act_forward<ACT>(t) + (beta[c] - mean[c] * a));
+  }
+}
+
+template <typename T, int ACT>
+__global__ void cab_backward_reduce_kernel(Layout L, const T* __restrict__ dy, const T* __restrict__ t_saved,
+                                           const float* __restrict__ T_acc, const T* __restrict__ b,
+                                           const float* __restrict__ mean, const float* __restrict__ rstd, int cpb,
+                                           int64_t chunk, float* __restrict__ ws) {
+  const int tid = threadIdx.x, lane_c = tid % cpb;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
+  const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
+  float s[2] = {0.f, 0.f};
+  if (c < L.C) {
+    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
+      const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
+      const float d = to_acc(dy[e]);
+      s[0] += d;
+      s[1] += d * ((act_forward<ACT>(load_t(t_saved, T_acc, bc, e)) - mu) * rs);
+    }
+  }
+  block_channel_sums<2>(s, cpb);
+  if (tid < cpb && c < L.C) {
+    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 2;
+    o[0] = s[0];
+    o[1] = s[1];
+  }
+}
+
+template <typename T, int ACT>
+__global__ void cab_backward_dt_kernel(Layout L, const T* __restrict__ dy, const T* __restrict__ t_saved,
+                                       const float* __restrict__ T_acc, const T* __restrict__ b,
+                                       const float* __restrict__ gamma, const float* __restrict__ mean,
+                                       const float* __restrict__ rstd, const float* __restrict__ sums,
+                                       bool batch_stats, int cpb, int64_t chunk, T* __restrict__ dT,
+                                       float* __restrict__ ws) {
+  const int tid = threadIdx.x, lane_c = tid % cpb;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
+  const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
+  float s[1] = {0.f};
+  if (c < L.C) {
+    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c], a = gamma[c] * rs;
+    const float inv_m = 1.f / static_cast<float>(M);
+    const float c1 = batch_stats ? sums[c * 2] * inv_m : 0.f, c2 = batch_stats ? sums[c * 2 + 1] * inv_m : 0.f;
+    for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
+      const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
+      const float t = load_t(t_saved, T_acc, bc, e);
+      const float ghat = (act_forward<ACT>(t) - mu) * rs;
+      const float dt = a * (to_acc(dy[e]) - c1 - ghat * c2) * act_backward<ACT>(t);
+      dT[e] = from_acc<T>(dt);
+      s[0] += dt;
+    }
+  }
+  block_channel_sums<1>(s, cpb);
+  if (tid < cpb && c < L.C) ws[static_cast<int64_t>(blockIdx.y) * L.C + c] = s[0];
+}
+
+}  // namespace
+
+int64_t conv_act_bn_workspace_floats(const Problem& p, const LaunchShape& s) {
+  return plan_splits(p, s).splits * p.C * 3;
+}
+
+void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* Tm, const void* b, const float* gamma,
+                                const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
+                                void* y, void* t_out, float* ws, void* stream) {
+  const Layout L = make_layout(p);
+  dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
+    using T = typename decltype(tag)::type;
+    constexpr int A = decltype(act)::value;
+    const T* bp = static_cast<const T*>(b);
+    if (batch_stats) {
+      const SplitPlan sp = plan_splits(p, s);
+      auto kern = &cab_stats_partial_kernel<T, A>;
+      CMK_LAUNCH(kern, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
+                 stream, L, Tm, bp, sp.cpb, sp.chunk, ws);
+      CMK_CHECK_LAUNCH("cab_stats_partial_kernel");
+      launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
+    }
+    const int64_t numel = p.N * p.C * p.H * p.W;
+    const unsigned blocks = static_cast<unsigned>(
+        std::max<int64_t>(1, std::min<int64_t>(s.elementwise_blocks, ceil_div(numel, s.threads))));
+    auto kern = &cab_apply_kernel<T, A>;
+    CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, static_cast<const float*>(Tm),
+               batch_stats ? nullptr : bp, gamma, beta, static_cast<const float*>(mean),
+               static_cast<const float*>(rstd), static_cast<T*>(t_out), static_cast<T*>(y), numel);
+    CMK_CHECK_LAUNCH("cab_apply_kernel");
+  });
+}
+
+void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
+                                 const float* T_acc, const void* b, const float* gamma, const float* mean,
+                                 const float* rstd, bool batch_stats, void* dT, float* sums, float* sum_dt, float* ws,
+                                 void* stream) {
+  const Layout L = make_layout(p);
+  dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
+    using T = typename decltype(tag)::type;
+    constexpr int A = decltype(act)::value;
+    const T* dyp = static_cast<const T*>(dy);
+    const T* tp = static_cast<const T*>(t_saved);
+    const T* bp = static_cast<const T*>(b);
+    const SplitPlan sp = plan_splits(p, s);
+    const dim3 grid(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits));
+    auto reduce = &cab_backward_reduce_kernel<T, A>;
+    CMK_LAUNCH(reduce, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, mean, rstd, sp.cpb, sp.chunk, ws);
+    CMK_CHECK_LAUNCH("cab_backward_reduce_kernel");
+    launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+    auto dt = &cab_backward_dt_kernel<T, A>;
+    CMK_LAUNCH(dt, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, gamma, mean, rstd,
+               static_cast<const float*>(sums), batch_stats, sp.cpb, sp.chunk, static_cast<T*>(dT), ws);
+    CMK_CHECK_LAUNCH("cab_backward_dt_kernel");
+    launch_sum_splits(ws, sp.splits, p.C, sum_dt, stream);
+  });
+}
+
+}  // namespace CMK_KNS
+}  // namespace cmk

@@ -1,0 +1,166 @@
+// at::Tensor launchers of the fused conv -> act -> BN block (pointwise conv and patch stem) for the
+// CUDA backend (and, included by csrc/cuda_emu/conv_act_bn_emu.cpp, for its host emulation).
+// Torch ops used here (the sanctioned part): the GEMMs T = Z W^T, dW = dT^T Z, dZ = dT W through
+// at::mm / at::matmul (cuBLAS on the GPU), the patch gather/scatter of the stem (views and one copy),
+// dtype casts of the GEMM operands, and the casts of the per-channel results. Everything per element
+// after the GEMM runs in the kernels of conv_act_bn.cu.
+#include "launch_common.h"
+#include "launchers.h"
+
+namespace cmk {
+namespace CMK_KNS {
+namespace {
+
+// The GEMM operand Z (patches) and its layout-matched product with W (as in csrc/cpu/conv_act_bn.cpp).
+struct Gemm {
+  bool cl;
+  int64_t N, Cin, H, W, Ho, Wo, p, Cout, K;
+};
+
+Gemm make_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t patch) {
+  Gemm g;
+  g.cl = cpu::is_channels_last(x);
+  g.N = x.size(0); g.Cin = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.p = patch; g.Ho = g.H / patch; g.Wo = g.W / patch;
+  g.Cout = weight.size(0); g.K = g.Cin * patch * patch;
+  return g;
+}
+
+// NCHW: Zt (N, K, L);  channels_last: Z (N*L, K). A view for the pointwise conv, a copy for the stem.
+at::Tensor patches(const Gemm& g, const at::Tensor& x) {
+  if (g.p == 1) return g.cl ? x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin}) : x.reshape({g.N, g.Cin, g.H * g.W});
+  at::Tensor xc = x.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
+  if (g.cl) return xc.permute({0, 2, 4, 1, 3, 5}).reshape({g.N * g.Ho * g.Wo, g.K});
+  return xc.permute({0, 1, 3, 5, 2, 4}).reshape({g.N, g.K, g.Ho * g.Wo});
+}
+
+// T = conv(x, W) without bias, dense in the output layout, as a 4-D (N, Cout, Ho, Wo) tensor.
+at::Tensor gemm_forward(const Gemm& g, const at::Tensor& Z, const at::Tensor& W2) {
+  if (g.cl) return at::mm(Z, W2.t()).view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
+  return at::matmul(W2, Z).view({g.N, g.Cout, g.Ho, g.Wo});
+}
+
+void check_cab(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+               const at::Tensor& gamma, int64_t patch) {
+  check_activation(op, x);
+  check_on_device(op, "weight", weight);
+  check_on_device(op, "bias", bias);
+  TORCH_CHECK(patch >= 1, op, ": patch size must be >= 1, got ", patch);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == patch && weight.size(3) == patch,
+              op, ": weight must have shape (Cout, ", x.size(1), ", ", patch, ", ", patch, "), got ", weight.sizes());
+  TORCH_CHECK(x.size(2) >= patch && x.size(3) >= patch, op, ": input spatial size ", x.sizes(),
+              " is smaller than the patch size ", patch);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(), op,
+              ": weight/bias dtype must match the input dtype ", x.scalar_type());
+  const int64_t C = weight.size(0);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C && bias.is_contiguous(), op, ": bias must have shape (", C, ")");
+  check_per_channel_f32(op, "gamma", gamma, C);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                            const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                                            const at::Tensor& rstd, bool batch_stats, double eps, int64_t act,
+                                            int64_t patch, bool save_t) {
+  const char* op = "conv_act_bn_forward";
+  check_cab(op, x, weight, bias, gamma, patch);
+  const Gemm g = make_gemm(x, weight, patch);
+  check_per_channel_f32(op, "beta", beta, g.Cout);
+  if (!batch_stats) {
+    check_per_channel_f32(op, "mean", mean, g.Cout);
+    check_per_channel_f32(op, "rstd", rstd, g.Cout);
+  }
+  DeviceGuard guard(x);
+  const Problem p = make_problem(x, g.Cout, g.Ho, g.Wo, act);
+  const LaunchShape s = launch_shape(p);
+  // GEMM in fp32 (T stays fp32 until t = T + b is rounded once, as PyTorch's conv does).
+  at::Tensor T = gemm_forward(g, patches(g, x).to(at::kFloat), weight.reshape({g.Cout, g.K}).to(at::kFloat));
+  const auto f32 = gamma.options();
+  at::Tensor mean_out = batch_stats ? cpu::poisoned(at::empty({g.Cout}, f32)) : mean;
+  at::Tensor rstd_out = batch_stats ? cpu::poisoned(at::empty({g.Cout}, f32)) : rstd;
+  at::Tensor var_out = batch_stats ? cpu::poisoned(at::empty({g.Cout}, f32)) : at::empty({0}, f32);
+  at::Tensor y = cpu::poisoned(at::empty_like(T, T.options().dtype(x.scalar_type())));
+  at::Tensor t = save_t ? cpu::poisoned(at::empty_like(T, T.options().dtype(x.scalar_type()))) : at::empty({0}, x.options());
+  at::Tensor ws = workspace(x, batch_stats ? conv_act_bn_workspace_floats(p, s) : 0);
+  conv_act_bn_forward_launch(p, s, T.data_ptr<float>(), bias.const_data_ptr(), gamma.const_data_ptr<float>(),
+                             beta.const_data_ptr<float>(), mean_out.data_ptr<float>(), rstd_out.data_ptr<float>(),
+                             batch_stats ? var_out.data_ptr<float>() : nullptr, batch_stats, static_cast<float>(eps),
+                             y.data_ptr(), save_t ? t.data_ptr() : nullptr, ws.data_ptr<float>(), current_stream(x));
+  if (!batch_stats) return {y, t, at::empty({0}, f32), at::empty({0}, f32), var_out};
+  return {y, t, mean_out, rstd_out, var_out};
+}
+
+std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
+                                             const at::Tensor& rstd, const at::Tensor& t_saved, bool batch_stats,
+                                             int64_t act, int64_t patch) {
+  const char* op = "conv_act_bn_backward";
+  check_cab(op, x, weight, bias, gamma, patch);
+  const Gemm g = make_gemm(x, weight, patch);
+  check_per_channel_f32(op, "mean", mean, g.Cout);
+  check_per_channel_f32(op, "rstd", rstd, g.Cout);
+  check_on_device(op, "grad_output", dy_in);
+  TORCH_CHECK(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.Ho &&
+                  dy_in.size(3) == g.Wo,
+              op, ": grad_output has shape ", dy_in.sizes(), ", expected (", g.N, ", ", g.Cout, ", ", g.Ho, ", ",
+              g.Wo, ")");
+  TORCH_CHECK(dy_in.scalar_type() == x.scalar_type(), op, ": grad_output dtype ", dy_in.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  DeviceGuard guard(x);
+  const auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const Problem p = make_problem(x, g.Cout, g.Ho, g.Wo, act);
+  const LaunchShape s = launch_shape(p);
+  const at::Tensor dy = dy_in.contiguous(fmt);
+  const at::Tensor W2 = weight.reshape({g.Cout, g.K});
+  const at::Tensor Z = patches(g, x);
+  const bool have_t = t_saved.defined() && t_saved.numel() > 0;
+  at::Tensor t, T_acc;
+  if (have_t) {
+    check_on_device(op, "t", t_saved);
+    TORCH_CHECK(t_saved.sizes() == dy.sizes() && t_saved.scalar_type() == x.scalar_type(), op,
+                ": saved t must match grad_output in shape and dtype");
+    t = t_saved.contiguous(fmt);
+  } else {
+    // Recompute T = Z W^T (cheap when K = Cin*p*p is small, as in the stem); the kernels add b.
+    T_acc = gemm_forward(g, Z.to(at::kFloat), W2.to(at::kFloat));
+  }
+  const auto f32 = gamma.options();
+  at::Tensor sums = cpu::poisoned(at::empty({g.Cout, 2}, f32));  // (sum dy, sum dy*ghat)
+  at::Tensor sum_dt = cpu::poisoned(at::empty({g.Cout}, f32));
+  at::Tensor dT = cpu::poisoned(at::empty_like(dy, dy.options(), fmt));
+  at::Tensor ws = workspace(x, conv_act_bn_workspace_floats(p, s));
+  conv_act_bn_backward_launch(p, s, dy.const_data_ptr(), have_t ? t.const_data_ptr() : nullptr,
+                              have_t ? nullptr : T_acc.const_data_ptr<float>(), bias.const_data_ptr(),
+                              gamma.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+                              rstd.const_data_ptr<float>(), batch_stats, dT.data_ptr(), sums.data_ptr<float>(),
+                              sum_dt.data_ptr<float>(), ws.data_ptr<float>(), current_stream(x));
+  // GEMMs of the backward: dW = dT^T Z, dZ = dT W.
+  at::Tensor dW2, dZ;
+  if (g.cl) {
+    const at::Tensor dTm = dT.permute({0, 2, 3, 1}).reshape({g.N * g.Ho * g.Wo, g.Cout});
+    dW2 = at::mm(dTm.t(), Z);
+    dZ = at::mm(dTm, W2);  // (M, K)
+  } else {
+    const at::Tensor dTm = dT.view({g.N, g.Cout, g.Ho * g.Wo});
+    const int64_t L = g.Ho * g.Wo;
+    dW2 = at::mm(dTm.transpose(0, 1).reshape({g.Cout, g.N * L}), Z.transpose(0, 1).reshape({g.K, g.N * L}).t());
+    dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
+  }
+  at::Tensor dx;
+  if (g.p == 1) {
+    dx = g.cl ? dZ.view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2}) : dZ.view({g.N, g.Cin, g.H, g.W});
+  } else {
+    dx = at::zeros_like(x, x.options(), fmt);
+    at::Tensor dst = dx.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
+    if (g.cl)
+      dst.permute({0, 2, 4, 1, 3, 5}).copy_(dZ.view({g.N, g.Ho, g.Wo, g.Cin, g.p, g.p}));
+    else
+      dst.permute({0, 1, 3, 5, 2, 4}).copy_(dZ.view({g.N, g.Cin, g.p, g.p, g.Ho, g.Wo}));
+  }
+  return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()),
+          sums.select(1, 1).contiguous(), sums.select(1, 0).contiguous()};
+}
+
+}  // namespace CMK_KNS
+}  // namespace cmk

@@ -1,0 +1,239 @@
+// Device-side helpers shared by the CUDA fused blocks: the compile mode (nvcc, or host C++ under the
+// emulator), dtype conversions, 16-byte packs, the tensor layout, and the block/warp reductions of
+// per-channel partials. The formulas themselves (activations, Welford merge) live in
+// ../common/block_math.h. No torch headers here: nvcc stays fast.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <type_traits>
+
+#if defined(CMK_CUDA_EMULATION)
+#include "../cuda_emu/cuda_emu.h"
+#define CMK_DEV inline
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#define CMK_DEV __device__ __forceinline__
+#define CMK_DYNAMIC_SHARED(type, name)                      \
+  extern __shared__ __align__(16) unsigned char cmk_smem_[]; \
+  type* name = reinterpret_cast<type*>(cmk_smem_)
+#define CMK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define CMK_CHECK_LAUNCH(what)                                                                     \
+  do {                                                                                             \
+    const cudaError_t cmk_err_ = cudaGetLastError();                                               \
+    if (cmk_err_ != cudaSuccess)                                                                   \
+      throw std::runtime_error(std::string("convmixer_kernels: CUDA launch of ") + (what) +         \
+                               " failed: " + cudaGetErrorString(cmk_err_));                        \
+  } while (0)
+#endif
+
+#include "../common/block_math.h"
+#include "kernel_api.h"
+
+namespace cmk {
+namespace CMK_KNS {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+
+// --- dtype conversions (fp32 accumulation) ---------------------------------------------------------
+CMK_DEV float to_acc(float v) { return v; }
+#if defined(CMK_CUDA_EMULATION)
+CMK_DEV float to_acc(__half v) { return static_cast<float>(v); }
+CMK_DEV float to_acc(__nv_bfloat16 v) { return static_cast<float>(v); }
+template <typename T>
+CMK_DEV T from_acc(float v) { return static_cast<T>(v); }
+#else
+CMK_DEV float to_acc(__half v) { return __half2float(v); }
+CMK_DEV float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+CMK_DEV T from_acc(float v);
+template <>
+CMK_DEV float from_acc<float>(float v) { return v; }
+template <>
+CMK_DEV __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+CMK_DEV __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#endif
+
+// VEC consecutive elements moved as one 16-byte (or smaller) access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+template <typename T>
+constexpr int pack16() { return 16 / static_cast<int>(sizeof(T)); }
+
+// --- compile-time dispatch of (dtype, activation) -------------------------------------------------------
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <typename T, typename F>
+void dispatch_act_for(int act, F&& f) {
+  switch (act) {
+    case kGelu: f(TypeTag<T>{}, std::integral_constant<int, kGelu>{}); break;
+    case kGeluTanh: f(TypeTag<T>{}, std::integral_constant<int, kGeluTanh>{}); break;
+    case kRelu: f(TypeTag<T>{}, std::integral_constant<int, kRelu>{}); break;
+    default: throw std::invalid_argument("convmixer_kernels: unknown activation code");
+  }
+}
+template <typename F>
+void dispatch_dtype_act(ScalarKind k, int act, F&& f) {
+  switch (k) {
+    case ScalarKind::kFloat: dispatch_act_for<float>(act, f); break;
+    case ScalarKind::kHalf: dispatch_act_for<__half>(act, f); break;
+    case ScalarKind::kBFloat16: dispatch_act_for<__nv_bfloat16>(act, f); break;
+  }
+}
+
+CMK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// --- layout -----------------------------------------------------------------------------------------
+// A dense 4-D activation (N, C, H, W) in NCHW or channels_last: offset = n*sN + c*sC + (h*W + w)*sP.
+struct Layout {
+  int64_t N, C, H, W, HW, sN, sC, sP;
+};
+inline Layout make_layout(const Problem& p) {
+  const int64_t HW = p.H * p.W;
+  return p.channels_last ? Layout{p.N, p.C, p.H, p.W, HW, HW * p.C, 1, p.C}
+                         : Layout{p.N, p.C, p.H, p.W, HW, p.C * HW, HW, 1};
+}
+// The split plan of a per-channel reduction: grid (channel groups, splits), `chunk` pixels per split.
+struct SplitPlan {
+  int cpb;
+  int64_t groups, splits, chunk;
+};
+inline SplitPlan plan_splits(const Problem& p, const LaunchShape& s) {
+  SplitPlan q;
+  q.cpb = p.channels_last ? s.channels_per_block : 1;
+  q.groups = ceil_div(p.C, q.cpb);
+  const int64_t M = p.N * p.H * p.W, lanes = s.threads / q.cpb;
+  q.splits = std::max<int64_t>(1, std::min<int64_t>(s.max_splits, ceil_div(M, lanes)));
+  q.chunk = ceil_div(M, q.splits);
+  q.splits = ceil_div(M, q.chunk);
+  return q;
+}
+CMK_DEV int64_t elem_offset(const Layout& L, int64_t n, int64_t c, int64_t pix) {
+  return n * L.sN + c * L.sC + pix * L.sP;
+}
+
+// Per-channel split reductions: a block owns `cpb` channels (a power of two <= 32; thread t works on
+// channel lane t % cpb) and a contiguous chunk of the N*H*W pixels of those channels. blockDim.x is a
+// multiple of 32, so lanes with equal t % cpb inside a warp combine by xor shuffles with offsets >= cpb.
+
+// Sums NV values per channel over the block; the result is valid in threads t < cpb.
+template <int NV>
+CMK_DEV void block_channel_sums(float (&v)[NV], int cpb) {
+  __shared__ float partial[NV][1024];
+  for (int off = kWarp / 2; off >= cpb; off >>= 1)
+    for (int i = 0; i < NV; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], off);
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
+  if (lane < cpb)
+    for (int i = 0; i < NV; ++i) partial[i][warp * cpb + lane] = v[i];
+  __syncthreads();
+  if (tid < cpb)
+    for (int i = 0; i < NV; ++i) {
+      float s = 0.f;
+      for (int w = 0; w < warps; ++w) s += partial[i][w * cpb + tid];
+      v[i] = s;
+    }
+  __syncthreads();
+}
+
+// Chan/Welford merge of per-thread statistics per channel over the block; valid in threads t < cpb.
+CMK_DEV void block_channel_welford(Welford<float>& a, int cpb) {
+  __shared__ float partial[3][1024];
+  for (int off = kWarp / 2; off >= cpb; off >>= 1) {
+    const float n = __shfl_xor_sync(kFullMask, a.count, off);
+    const float m = __shfl_xor_sync(kFullMask, a.mean, off);
+    const float q = __shfl_xor_sync(kFullMask, a.m2, off);
+    a.merge(n, m, q);
+  }
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
+  if (lane < cpb) {
+    partial[0][warp * cpb + lane] = a.count;
+    partial[1][warp * cpb + lane] = a.mean;
+    partial[2][warp * cpb + lane] = a.m2;
+  }
+  __syncthreads();
+  if (tid < cpb) {
+    Welford<float> r;
+    for (int w = 0; w < warps; ++w)
+      r.merge(partial[0][w * cpb + tid], partial[1][w * cpb + tid], partial[2][w * cpb + tid]);
+    a = r;
+  }
+  __syncthreads();
+}
+
+namespace {  // kernels: internal linkage in each translation unit that includes this header
+
+// Merges the per-split (count, mean, M2) partials ws[S][C][3]: one warp per channel, lanes stride
+// over the splits, then an xor butterfly. Writes mean, biased var and rstd = 1/sqrt(var + eps).
+__global__ void welford_finalize_kernel(const float* ws, int64_t S, int64_t C, float eps, float* mean, float* var,
+                                        float* rstd) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  Welford<float> a;
+  if (c < C)
+    for (int64_t s = lane; s < S; s += kWarp) {
+      const float* p = ws + (s * C + c) * 3;
+      a.merge(p[0], p[1], p[2]);
+    }
+  for (int off = kWarp / 2; off >= 1; off >>= 1) {
+    const float n = __shfl_xor_sync(kFullMask, a.count, off);
+    const float m = __shfl_xor_sync(kFullMask, a.mean, off);
+    const float q = __shfl_xor_sync(kFullMask, a.m2, off);
+    a.merge(n, m, q);
+  }
+  if (lane == 0 && c < C) {
+    const float v = a.m2 / a.count;
+    mean[c] = a.mean;
+    var[c] = v;
+    rstd[c] = rsqrtf(v + eps);
+  }
+}
+
+// out[j] = sum_s ws[s][j] for j < width: one warp per column, shuffle-down reduction.
+__global__ void sum_splits_kernel(const float* ws, int64_t S, int64_t width, float* out) {
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  float s = 0.f;
+  if (j < width)
+    for (int64_t i = lane; i < S; i += kWarp) s += ws[i * width + j];
+  for (int off = kWarp / 2; off >= 1; off >>= 1) s += __shfl_down_sync(kFullMask, s, off);
+  if (lane == 0 && j < width) out[j] = s;
+}
+
+}  // namespace
+
+// Finalize kernels: one warp per output column (256 threads on the GPU, 64 under emulation, where
+// every thread is an OS thread).
+#if defined(CMK_CUDA_EMULATION)
+constexpr int kFinalizeThreads = 64;
+#else
+constexpr int kFinalizeThreads = 256;
+#endif
+inline void launch_welford_finalize(const float* ws, int64_t S, int64_t C, float eps, float* mean, float* var,
+                                    float* rstd, void* stream) {
+  const unsigned blocks = static_cast<unsigned>((C * kWarp + kFinalizeThreads - 1) / kFinalizeThreads);
+  auto kern = &welford_finalize_kernel;
+  CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, C, eps, mean, var, rstd);
+  CMK_CHECK_LAUNCH("welford_finalize_kernel");
+}
+inline void launch_sum_splits(const float* ws, int64_t S, int64_t width, float* out, void* stream) {
+  const unsigned blocks = static_cast<unsigned>((width * kWarp + kFinalizeThreads - 1) / kFinalizeThreads);
+  auto kern = &sum_splits_kernel;
+  CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, width, out);
+  CMK_CHECK_LAUNCH("sum_splits_kernel");
+}
+
+}  // namespace CMK_KNS
+}  // namespace cmk

@@ -1,0 +1,92 @@
+// at::Tensor launchers of the fused depthwise block for the CUDA backend (and, included by
+// csrc/cuda_emu/dw_block_emu.cpp with CMK_CUDA_EMULATION, for its host emulation). They check the
+// inputs, allocate outputs and workspace, and call the raw launcher in dw_block.cu on the current
+// stream. Torch ops used here: allocation, and the final split of the per-channel fp32 gradient
+// buffers into dweight/dbias/dgamma/dbeta (C-sized tensors).
+#include "launch_common.h"
+#include "launchers.h"
+
+namespace cmk {
+namespace CMK_KNS {
+namespace {
+
+void check_dw(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+              const at::Tensor& gamma) {
+  check_activation(op, x);
+  const int64_t C = x.size(1);
+  check_on_device(op, "weight", weight);
+  check_on_device(op, "bias", bias);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == weight.size(3) &&
+                  weight.size(2) >= 1,
+              op, ": weight must have shape (C, 1, k, k) with C = ", C, " input channels, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(), op,
+              ": weight/bias dtype must match the input dtype ", x.scalar_type());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C && bias.is_contiguous(), op, ": bias must have shape (", C, ")");
+  check_per_channel_f32(op, "gamma", gamma, C);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias,
+                                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                                         const at::Tensor& rstd, bool batch_stats, double eps, int64_t act) {
+  const char* op = "dw_block_forward";
+  check_dw(op, x, weight_in, bias, gamma);
+  const int64_t C = x.size(1), k = weight_in.size(2);
+  check_per_channel_f32(op, "beta", beta, C);
+  if (!batch_stats) {
+    check_per_channel_f32(op, "mean", mean, C);
+    check_per_channel_f32(op, "rstd", rstd, C);
+  }
+  DeviceGuard guard(x);
+  const at::Tensor weight = weight_in.contiguous();
+  const Problem p = make_problem(x, C, x.size(2), x.size(3), act);
+  const LaunchShape s = launch_shape(p);
+  const auto f32 = gamma.options();
+  at::Tensor y = cpu::poisoned(at::empty_like(x));
+  at::Tensor mean_out = batch_stats ? cpu::poisoned(at::empty({C}, f32)) : mean;
+  at::Tensor rstd_out = batch_stats ? cpu::poisoned(at::empty({C}, f32)) : rstd;
+  at::Tensor var_out = batch_stats ? cpu::poisoned(at::empty({C}, f32)) : at::empty({0}, f32);
+  at::Tensor ws = workspace(x, batch_stats ? dw_block_workspace_floats(p, k, s) : 0);
+  dw_block_forward_launch(p, k, s, x.const_data_ptr(), weight.const_data_ptr(), bias.const_data_ptr(),
+                          gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), mean_out.data_ptr<float>(),
+                          rstd_out.data_ptr<float>(), batch_stats ? var_out.data_ptr<float>() : nullptr, batch_stats,
+                          static_cast<float>(eps), y.data_ptr(), ws.data_ptr<float>(), current_stream(x));
+  if (!batch_stats) return {y, at::empty({0}, f32), at::empty({0}, f32), var_out};
+  return {y, mean_out, rstd_out, var_out};
+}
+
+std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight_in,
+                                          const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
+                                          const at::Tensor& rstd, bool batch_stats, int64_t act) {
+  const char* op = "dw_block_backward";
+  check_dw(op, x, weight_in, bias, gamma);
+  const int64_t C = x.size(1), k = weight_in.size(2);
+  check_per_channel_f32(op, "mean", mean, C);
+  check_per_channel_f32(op, "rstd", rstd, C);
+  check_on_device(op, "grad_output", dy_in);
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), op, ": grad_output has shape ", dy_in.sizes(), " but x has shape ",
+              x.sizes());
+  TORCH_CHECK(dy_in.scalar_type() == x.scalar_type(), op, ": grad_output dtype ", dy_in.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  DeviceGuard guard(x);
+  const Problem p = make_problem(x, C, x.size(2), x.size(3), act);
+  const LaunchShape s = launch_shape(p);
+  const at::Tensor dy = dy_in.contiguous(p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::Tensor weight = weight_in.contiguous();
+  const auto f32 = gamma.options();
+  at::Tensor dx = cpu::poisoned(at::empty_like(x));
+  at::Tensor sums = cpu::poisoned(at::empty({C, 2}, f32));           // (sum dy, sum dy*ghat)
+  at::Tensor grads = cpu::poisoned(at::empty({C, k * k + 1}, f32));  // (dw taps, db)
+  at::Tensor ws = workspace(x, dw_block_workspace_floats(p, k, s));
+  dw_block_backward_launch(p, k, s, dy.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(),
+                           bias.const_data_ptr(), gamma.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+                           rstd.const_data_ptr<float>(), batch_stats, dx.data_ptr(), sums.data_ptr<float>(),
+                           grads.data_ptr<float>(), ws.data_ptr<float>(), current_stream(x));
+  at::Tensor dweight = grads.narrow(1, 0, k * k).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
+  at::Tensor dbias = grads.select(1, k * k).to(bias.scalar_type()).contiguous();
+  return {dx, dweight, dbias, sums.select(1, 1).contiguous(), sums.select(1, 0).contiguous()};
+}
+
+}  // namespace CMK_KNS
+}  // namespace cmk

@@ -1,0 +1,81 @@
+// The raw-pointer interface between the launchers (csrc/cuda/*_launch.cpp, which see at::Tensor)
+// and the kernels (csrc/cuda/*.cu, which see no torch header). Compiled twice: for the GPU
+// (namespace cmk::cuda) and, with CMK_CUDA_EMULATION, for the host emulator (cmk::cuda_emu), so
+// the two builds never share a symbol.
+#pragma once
+
+#include <cstdint>
+
+#if defined(CMK_CUDA_EMULATION)
+#define CMK_KNS cuda_emu
+#else
+#define CMK_KNS cuda
+#endif
+
+namespace cmk {
+namespace CMK_KNS {
+
+enum class ScalarKind : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// A dense (N, C, H, W) activation in NCHW or channels_last.
+struct Problem {
+  int64_t N, C, H, W;
+  bool channels_last;
+  ScalarKind dtype;
+  int act;  // cmk::Act
+};
+
+// Block geometry, chosen by the launcher: the GPU uses full-size blocks, the emulator small ones
+// (every emulated thread is an OS thread). threads is a multiple of 32; channels_per_block a power
+// of two <= 32 that divides 32.
+struct LaunchShape {
+  int threads;             // threads per block of every per-channel and elementwise kernel
+  int channels_per_block;  // channel lanes of a per-channel reduction block
+  int max_splits;          // pixel chunks per channel group (grid.y of the reductions)
+  int elementwise_blocks;  // grid of the grid-stride elementwise kernels
+  int tile_h, tile_w;      // spatial tile of the depthwise backward (shared memory with halos)
+  int tile_channels;       // channels per depthwise backward tile
+};
+
+}  // namespace CMK_KNS
+}  // namespace cmk
+
+namespace cmk {
+namespace CMK_KNS {
+
+// --- depthwise block (dw_block.cu) ------------------------------------------------------------------
+// Floats of device workspace that dw_block_{forward,backward}_launch need.
+int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape& s);
+
+// y = x + gamma*(act(dwconv_k(x) + b) - mean)*rstd + beta. batch_stats: mean/rstd/var are outputs
+// (batch statistics, biased var); otherwise mean/rstd are inputs and var is unused.
+void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const void* w,
+                             const void* b, const float* gamma, const float* beta, float* mean, float* rstd,
+                             float* var, bool batch_stats, float eps, void* y, float* ws, void* stream);
+
+// dx (input dtype); sums[C][2] = (sum dy, sum dy*ghat) = (dbeta, dgamma); grads[C][k*k+1] = (dw taps, db)
+// in fp32.
+void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
+                              const void* w, const void* b, const float* gamma, const float* mean, const float* rstd,
+                              bool batch_stats, void* dx, float* sums, float* grads, float* ws, void* stream);
+
+// --- conv -> act -> BN epilogue of a GEMM (conv_act_bn.cu) --------------------------------------------
+// T is the GEMM output without bias, fp32, laid out like the result (Problem p with H x W = Ho x Wo).
+int64_t conv_act_bn_workspace_floats(const Problem& p, const LaunchShape& s);
+
+// Training (batch_stats): T += b in place, batch mean/var/rstd into mean/var/rstd, then the apply pass.
+// Eval: the apply pass with t = T + b. Apply: y = gamma*(act(t) - mean)*rstd + beta; t_out (input
+// dtype, may be null) = t.
+void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* T, const void* b, const float* gamma,
+                                const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
+                                void* y, void* t_out, float* ws, void* stream);
+
+// t is either t_saved (input dtype) or T_acc + b rounded to the input dtype. Writes dT (input dtype),
+// sums[C][2] = (sum dy, sum dy*ghat) and sum_dt[C] (fp32).
+void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
+                                 const float* T_acc, const void* b, const float* gamma, const float* mean,
+                                 const float* rstd, bool batch_stats, void* dT, float* sums, float* sum_dt, float* ws,
+                                 void* stream);
+
+}  // namespace CMK_KNS
+}  // namespace cmk

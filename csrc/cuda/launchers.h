@@ -1,0 +1,35 @@
+// The at::Tensor launchers of the CUDA backend (cmk::cuda, CUDA tensors; built with CMK_WITH_CUDA)
+// and of its host emulation (cmk::cuda_emu, CPU tensors; always built). Same arguments and outputs
+// as the CPU launchers in csrc/cpu/*.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#define CMK_DECLARE_CUDA_LAUNCHERS                                                                                   \
+  std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,     \
+                                           const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,   \
+                                           const at::Tensor& rstd, bool batch_stats, double eps, int64_t act);        \
+  std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,     \
+                                            const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,  \
+                                            const at::Tensor& rstd, bool batch_stats, int64_t act);                   \
+  std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,  \
+                                              const at::Tensor& gamma, const at::Tensor& beta,                        \
+                                              const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,       \
+                                              double eps, int64_t act, int64_t patch, bool save_t);                   \
+  std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,  \
+                                               const at::Tensor& bias, const at::Tensor& gamma,                       \
+                                               const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& t,   \
+                                               bool batch_stats, int64_t act, int64_t patch);
+
+namespace cmk {
+namespace cuda {
+CMK_DECLARE_CUDA_LAUNCHERS
+}  // namespace cuda
+namespace cuda_emu {
+CMK_DECLARE_CUDA_LAUNCHERS
+}  // namespace cuda_emu
+}  // namespace cmk
+
+#undef CMK_DECLARE_CUDA_LAUNCHERS

@@ -1,0 +1,157 @@
+"""CUDA backend kernels run on the CPU through the host emulator (backend="cuda_emu"): the sources of
+csrc/cuda/*.cu compiled as host C++ against csrc/cuda_emu/cuda_emu.h, every block a team of real
+threads meeting at real barriers, with warp shuffles exchanged through per-warp slots. Each case
+goes through the op layer and is checked against the float64 reference by the DESIGN.md section 4
+rule (output, every gradient, running statistics).
+
+Emulated launch geometry (csrc/cuda/launch_common.h): 32-thread blocks, 4 channel lanes per
+channels_last reduction block, at most 3 pixel splits, 4x4 backward tiles of 2 channels (1 in NCHW).
+So C = 3, 5, 130 and H = W = 1, 7, 9 leave channel-group, split and tile remainders; C = 8 (fp32) and
+C = 16 (fp16/bf16) in channels_last take the 16-byte pack path of the apply kernel.
+Emulated threads are OS threads: shapes are tiny and the matrix is chosen, not crossed.
+"""
+import copy
+
+import pytest
+import torch
+
+import convmixer_kernels
+from convmixer_kernels import backends
+from numerics import make_block_params, run_block
+
+_available, _reason = backends.available_backends()["cuda_emu"]
+if not _available:
+    pytest.skip(f"cuda_emu backend unavailable: {_reason}", allow_module_level=True)
+
+ACTS = ("gelu", "gelu_tanh", "relu")
+LAYOUTS = ("nchw", "channels_last")
+
+
+def make_x(shape, dtype, layout):
+    x = torch.randn(shape).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def emu(kind, x, p, training, act, **kw):
+    run_block(kind, x, p, training, act, backend="cuda_emu", **kw)
+
+
+# --- depthwise block --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+@pytest.mark.parametrize("act", ACTS)
+def test_dw_fp32_acts(layout, training, act):
+    emu("dw", make_x((2, 5, 7, 7), torch.float32, layout), make_block_params("dw", 5, k=3), training, act)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+def test_dw_half_types(dtype, layout, training):
+    # C = 16: the channels_last apply kernel moves 8 fp16/bf16 channels per 16-byte pack
+    emu("dw", make_x((2, 16, 5, 5), dtype, layout), make_block_params("dw", 16, k=3, dtype=dtype), training,
+        "gelu_tanh")
+
+
+@pytest.mark.parametrize("k", (1, 3, 5, 7, 9, 4))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dw_kernel_sizes(k, layout):
+    emu("dw", make_x((2, 3, 9, 7), torch.float32, layout), make_block_params("dw", 3, k=k), True, "gelu")
+
+
+@pytest.mark.parametrize("C,HW", ((3, 9), (5, 1), (130, 5), (8, 7)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dw_tile_remainders(C, HW, layout):
+    N = 2 if HW == 1 else 1
+    p = make_block_params("dw", C, k=3 if C > 100 else 5)
+    emu("dw", make_x((N, C, HW, HW), torch.float32, layout), p, True, "relu")
+    emu("dw", make_x((1, C, HW, HW), torch.float32, layout), p, False, "relu")  # N = 1 in eval
+
+
+def test_dw_large_mean_statistics_are_stable():
+    p = make_block_params("dw", 4, k=3)
+    p["bias"] = torch.full((4,), 300.0)
+    emu("dw", make_x((2, 4, 8, 8), torch.float32, "nchw") * 0.01, p, True, "relu")
+
+
+# --- pointwise conv and stem ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+@pytest.mark.parametrize("act", ACTS)
+def test_pw_fp32_acts(layout, training, act):
+    emu("pw", make_x((2, 5, 7, 7), torch.float32, layout), make_block_params("pw", 6, cin=5), training, act)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pw_half_types(dtype, layout):
+    emu("pw", make_x((2, 5, 5, 5), dtype, layout), make_block_params("pw", 6, cin=5, dtype=dtype), True, "gelu")
+
+
+@pytest.mark.parametrize("patch,HW", ((2, 8), (3, 7)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+def test_stem(patch, HW, layout, training):
+    emu("stem", make_x((2, 3, HW, HW), torch.float32, layout), make_block_params("stem", 10, cin=3, patch=patch),
+        training, "gelu", patch=patch)
+
+
+@pytest.mark.parametrize("save_t", (True, False))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pw_saved_and_recomputed_t(save_t, layout):
+    emu("pw", make_x((2, 4, 6, 6), torch.float32, layout), make_block_params("pw", 5, cin=4), True, "relu",
+        save_t=save_t)
+
+
+@pytest.mark.parametrize("C,HW", ((3, 9), (5, 1), (130, 5)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pw_remainders(C, HW, layout):
+    N = 2 if HW == 1 else 1
+    p = make_block_params("pw", C, cin=4)
+    emu("pw", make_x((N, 4, HW, HW), torch.float32, layout), p, True, "gelu")
+    emu("pw", make_x((1, 4, HW, HW), torch.float32, layout), p, False, "gelu")
+
+
+# --- BatchNorm variants (both blocks) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ("momentum_none", "affine_off", "no_running_stats"))
+@pytest.mark.parametrize("training", (True, False))
+@pytest.mark.parametrize("kind", ("dw", "pw"))
+def test_batchnorm_variants(variant, training, kind):
+    kw = dict(affine=variant != "affine_off", track=variant != "no_running_stats")
+    p = make_block_params(kind, 6, k=3, cin=4, **kw) if kind == "pw" else make_block_params("dw", 4, k=3, **kw)
+    momentum = None if variant == "momentum_none" else 0.1
+    emu(kind, make_x((2, 4, 5, 5), torch.float32, "channels_last"), p, training, "gelu", momentum=momentum, eps=1e-3,
+        steps=2)
+
+
+def test_float64_is_rejected_with_a_clear_error():
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    w, b = torch.randn(3, 1, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64 runs on the cpu backend"):
+        convmixer_kernels.dw_block(x, w, b, None, None, training=True, backend="cuda_emu")
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+def test_convmixer_end_to_end_matches_cpu_backend():
+    ref = convmixer_kernels.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=4, backend="cpu")
+    emu_model = convmixer_kernels.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=4,
+                                            backend="cuda_emu")
+    emu_model.load_state_dict(copy.deepcopy(ref.state_dict()))
+    x = torch.randn(2, 3, 8, 8)
+    outs, grads = [], []
+    for model in (ref, emu_model):
+        model.train()
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for ge, gc in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ge, gc, rtol=1e-3, atol=1e-5)
+    for be, bc in zip(emu_model.buffers(), ref.buffers()):
+        torch.testing.assert_close(be, bc, rtol=1e-4, atol=1e-6)
