@@ -214,8 +214,8 @@ inline void sliding_taps(V (&acc)[NACC], LoadIn in, LoadW wgt) {
 // pixels of one 64-byte channel vector, the window slides along w (o = i, s = j). NCHW: they are RB
 // consecutive rows of one vector along w, the window slides down the rows (o = j, s = i) with the
 // weight broadcast. K is a template parameter (1..9 cover ConvMixer); other k take the generic loop.
-template <int K, typename acc_t, bool CL>
-void conv_plane_k(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
+template <int K, typename acc_t, bool CL, typename Emit>
+void conv_tiles_k(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, Emit&& emit) {
   using S = TileShape<acc_t, CL>;
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
@@ -231,7 +231,7 @@ void conv_plane_k(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const a
         sliding_taps<K, WB>(
             acc, [&](int i, int u) { return Vec::load(base + i * row + u * CB); },
             [&](int i, int j) { return Vec::load(wt + (i * K + j) * CB); });
-        for (int w = 0; w < WB && w0 + w < g.W; ++w) Vec::store(out + (h * g.W + w0 + w) * CB, acc[w]);
+        emit(h, w0, acc);
       }
     }
   } else {
@@ -245,20 +245,54 @@ void conv_plane_k(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const a
         sliding_taps<K, RB>(
             acc, [&](int j, int u) { return Vec::load(base + u * row + j); },
             [&](int j, int i) { return Vec::broadcast(wt[i * K + j]); });
-        const int64_t n = std::min<int64_t>(VL, g.W - w0);
-        for (int r = 0; r < RB && h0 + r < g.H; ++r) {
-          if (n == VL) {
-            Vec::store(out + (h0 + r) * g.W + w0, acc[r]);
-          } else {
-            acc_t tmp[VL];
-            Vec::store(tmp, acc[r]);
-            std::memcpy(out + (h0 + r) * g.W + w0, tmp, n * sizeof(acc_t));
-          }
-        }
+        emit(h0, w0, acc);
       }
     }
   }
 }
+
+// Calls conv_tiles_k<K> for the runtime k; returns false for k > 9 (callers take the plane path).
+template <typename acc_t, bool CL, typename Emit>
+bool conv_tiles(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, Emit&& emit) {
+  switch (g.k) {
+    case 1: conv_tiles_k<1, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 2: conv_tiles_k<2, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 3: conv_tiles_k<3, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 4: conv_tiles_k<4, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 5: conv_tiles_k<5, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 6: conv_tiles_k<6, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 7: conv_tiles_k<7, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 8: conv_tiles_k<8, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    case 9: conv_tiles_k<9, acc_t, CL>(g, buf, wt, bias, emit); return true;
+    default: return false;
+  }
+}
+
+// Tile emitter that stores the conv output into a dense H x W x CB plane.
+template <typename acc_t, bool CL>
+struct StorePlane {
+  const PlaneGeom& g;
+  acc_t* out;
+  template <typename V, int NACC>
+  void operator()(int64_t h0, int64_t w0, V (&acc)[NACC]) const {
+    using Vec = Simd<acc_t>;
+    constexpr int CB = TileShape<acc_t, CL>::CB, VL = Vec::N;
+    if constexpr (CL) {
+      for (int w = 0; w < NACC && w0 + w < g.W; ++w) Vec::store(out + (h0 * g.W + w0 + w) * CB, acc[w]);
+    } else {
+      const int64_t n = std::min<int64_t>(VL, g.W - w0);
+      for (int r = 0; r < NACC && h0 + r < g.H; ++r) {
+        if (n == VL) {
+          Vec::store(out + (h0 + r) * g.W + w0, acc[r]);
+        } else {
+          acc_t tmp[VL];
+          Vec::store(tmp, acc[r]);
+          std::memcpy(out + (h0 + r) * g.W + w0, tmp, n * sizeof(acc_t));
+        }
+      }
+    }
+  }
+};
 
 // Any k: one vector load per tap and accumulator (correct, slower; k > 9 is rare in ConvMixers).
 template <typename acc_t, bool CL>
@@ -296,18 +330,8 @@ void conv_plane_generic(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, c
 
 template <typename acc_t, bool CL>
 void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
-  switch (g.k) {
-    case 1: return conv_plane_k<1, acc_t, CL>(g, buf, wt, bias, out);
-    case 2: return conv_plane_k<2, acc_t, CL>(g, buf, wt, bias, out);
-    case 3: return conv_plane_k<3, acc_t, CL>(g, buf, wt, bias, out);
-    case 4: return conv_plane_k<4, acc_t, CL>(g, buf, wt, bias, out);
-    case 5: return conv_plane_k<5, acc_t, CL>(g, buf, wt, bias, out);
-    case 6: return conv_plane_k<6, acc_t, CL>(g, buf, wt, bias, out);
-    case 7: return conv_plane_k<7, acc_t, CL>(g, buf, wt, bias, out);
-    case 8: return conv_plane_k<8, acc_t, CL>(g, buf, wt, bias, out);
-    case 9: return conv_plane_k<9, acc_t, CL>(g, buf, wt, bias, out);
-    default: return conv_plane_generic<acc_t, CL>(g, buf, wt, bias, out);
-  }
+  if (!conv_tiles<acc_t, CL>(g, buf, wt, bias, StorePlane<acc_t, CL>{g, out}))
+    conv_plane_generic<acc_t, CL>(g, buf, wt, bias, out);
 }
 
 // part[tap][c] += sum_{h,w} dt[h][w][c] * xpad[h+i][w+j][c]: the depthwise weight gradient of one
@@ -452,9 +476,47 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
             cur = group;
           }
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
-          conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), s.plane.data());
+          // y = x + scale*act(t) + shift straight from each register tile, x from the padded copy.
+          const acc_t* pad = s.pad.data();
+          const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
+          scalar_t* yplane = yp + elem_offset<CL>(g, n, c0, 0);
+          const acc_t* sc = scale.data();
+          const acc_t* sh = shift.data();
+          auto epilogue = [&](int64_t h0, int64_t w0, auto& acc) {
+            constexpr int NACC = sizeof(acc) / sizeof(acc[0]);
+            acc_t t[NACC][VL];
+            for (int a = 0; a < NACC; ++a) Simd<acc_t>::store(t[a], acc[a]);
+            if constexpr (CL) {
+              for (int w = 0; w < NACC && w0 + w < g.W; ++w) {
+                const acc_t* xr = pad + ((h0 + g.pl) * g.buf_w + w0 + w + g.pl) * CB;
+                scalar_t* yo = yplane + (h0 * g.W + w0 + w) * g.C;
+                if (cb == CB) {
+                  for (int c = 0; c < CB; ++c)
+                    yo[c] = static_cast<scalar_t>(xr[c] + sc[c] * act_forward<A>(t[w][c]) + sh[c]);
+                } else {
+                  for (int64_t c = 0; c < cb; ++c)
+                    yo[c] = static_cast<scalar_t>(xr[c] + sc[c] * act_forward<A>(t[w][c]) + sh[c]);
+                }
+              }
+            } else {
+              const int64_t nw = std::min<int64_t>(VL, g.W - w0);
+              const acc_t a0 = sc[0], b0 = sh[0];
+              for (int r = 0; r < NACC && h0 + r < g.H; ++r) {
+                const acc_t* xr = pad + (h0 + r + g.pl) * g.buf_w + w0 + g.pl;
+                scalar_t* yo = yplane + (h0 + r) * g.W + w0;
+                if (nw == VL) {
+                  for (int l = 0; l < VL; ++l) yo[l] = static_cast<scalar_t>(xr[l] + a0 * act_forward<A>(t[r][l]) + b0);
+                } else {
+                  for (int64_t l = 0; l < nw; ++l) yo[l] = static_cast<scalar_t>(xr[l] + a0 * act_forward<A>(t[r][l]) + b0);
+                }
+              }
+            }
+          };
+          if (conv_tiles<acc_t, CL>(g, pad, wt.data(), bv.data(), epilogue)) continue;
+          // k > 9: plane by plane.
+          conv_plane_generic<acc_t, CL>(g, pad, wt.data(), bv.data(), s.plane.data());
           for (int64_t e = 0; e < len; ++e) s.plane[e] = act_forward<A>(s.plane[e]);
-          padded_to_plane<acc_t, CL>(g, s.pad.data(), g.pl, s.aux.data());
+          padded_to_plane<acc_t, CL>(g, pad, g.pl, s.aux.data());
           apply(s.aux.data(), s.plane.data(), scale.data(), shift.data());
           scatter_plane<scalar_t, acc_t, CL>(g, s.aux.data(), n, group, yp);
         }
