@@ -10,3 +10,28 @@ def check_rule(name, fused, same, ref64, dtype):
 def run_block(kind, x, p, training, act, **kw):
     failures = [str(c) for c in compare_block(kind, x, p, training, act, **kw) if not c.ok]
     assert not failures, "\n".join(failures)
+
+
+ACTS = ("gelu", "gelu_tanh", "relu")
+LAYOUTS = ("nchw", "channels_last")
+
+
+def make_x(shape, dtype, layout):
+    """Random input (never zeros) in the given dtype and layout."""
+    import torch
+    x = torch.randn(shape).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def randomize_bn(model):
+    """Non-trivial running stats and affine params in every BatchNorm2d, so eval mode tests something."""
+    import torch
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                if m.weight is not None:
+                    m.weight.normal_(1, 0.2)
+                    m.bias.normal_(0, 0.2)
+    return model

@@ -9,29 +9,18 @@ import convmixer_kernels as ck
 from convmixer_kernels.conv_act_bn import FusedConvActBN
 from convmixer_kernels.dw_block import FusedDepthwiseBlock
 from convmixer_kernels.reference import ConvMixerPaper, Residual
-from numerics import check_rule
+from numerics import check_rule, randomize_bn
 
 timm = pytest.importorskip("timm")
 
 
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model
-
-
 def paper_model():
-    return _randomize_bn(ConvMixerPaper(dim=16, depth=2, kernel_size=5, patch_size=2, n_classes=7, act="gelu"))
+    return randomize_bn(ConvMixerPaper(dim=16, depth=2, kernel_size=5, patch_size=2, n_classes=7, act="gelu"))
 
 
 def timm_model():
     # The registry's ReLU / k=7 / p=7 model, run on small images (8x8 after the stem).
-    return _randomize_bn(timm.create_model("convmixer_768_32", pretrained=False))
+    return randomize_bn(timm.create_model("convmixer_768_32", pretrained=False))
 
 
 MODELS = {"paper": (paper_model, (3, 3, 10, 10)), "timm": (timm_model, (4, 3, 56, 56))}

@@ -4,15 +4,8 @@ import torch
 
 from convmixer_kernels import dw_block
 from convmixer_kernels._library import op
-from numerics import make_block_params, run_block
+from numerics import ACTS, LAYOUTS, make_block_params, make_x, run_block
 
-ACTS = ("gelu", "gelu_tanh", "relu")
-LAYOUTS = ("nchw", "channels_last")
-
-
-def make_x(shape, dtype, layout):
-    x = torch.randn(shape).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

@@ -8,20 +8,9 @@ import torch.nn as nn
 import convmixer_kernels as ck
 from convmixer_kernels.reference import Residual, make_act
 
+from numerics import randomize_bn  # noqa: E402
+
 timm = pytest.importorskip("timm")
-
-
-def _randomize_bn(model):
-    """Non-trivial running stats and affine params, so eval mode tests something."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                if m.weight is not None:
-                    m.weight.normal_(1, 0.2)
-                    m.bias.normal_(0, 0.2)
-    return model
 
 
 def _max_diff(a, b):
@@ -32,7 +21,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("training", (True, False))
 def test_fused_depthwise_block_is_drop_in(act, training):
     ref = Residual(nn.Sequential(nn.Conv2d(8, 8, 5, groups=8, padding="same"), make_act(act), nn.BatchNorm2d(8)))
-    _randomize_bn(ref).train(training)
+    randomize_bn(ref).train(training)
     fused = ck.FusedDepthwiseBlock(8, 5, act)
     fused.load_state_dict(ref.state_dict(), strict=True)
     fused.train(training)
@@ -53,7 +42,7 @@ def test_fused_conv_act_bn_is_drop_in():
     ref = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), nn.GELU(), nn.BatchNorm2d(8))
     fused = ck.FusedConvActBN(3, 8, 2, "gelu")
     assert set(fused.state_dict()) == set(ref.state_dict())
-    fused.load_state_dict(_randomize_bn(ref).state_dict())
+    fused.load_state_dict(randomize_bn(ref).state_dict())
     x = torch.randn(2, 3, 9, 9)
     for mode in (True, False):
         ref.train(mode)
@@ -65,7 +54,7 @@ def test_convmixer_state_dict_keys_are_timms():
     ours = ck.ConvMixer(dim=32, depth=3, kernel_size=5, patch_size=2, num_classes=10)
     theirs = timm.models.convmixer.ConvMixer(dim=32, depth=3, kernel_size=5, patch_size=2, num_classes=10)
     assert list(ours.state_dict().keys()) == list(theirs.state_dict().keys())
-    _randomize_bn(theirs)
+    randomize_bn(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, 16, 16)
     ours.eval()
@@ -87,7 +76,7 @@ def test_convmixer_reference_backend_runs_unfused_layers():
 
 
 def test_channels_last_model():
-    m = _randomize_bn(ck.ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=5))
+    m = randomize_bn(ck.ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=5))
     x = torch.randn(2, 3, 12, 12)
     y_nchw = m(x)
     m_cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
@@ -97,7 +86,7 @@ def test_channels_last_model():
 
 def test_autocast_behaves_like_unfused_layers():
     """Under CPU autocast (bf16) the fused block's conv runs in bf16 and BN stays fp32, as unfused."""
-    ref = _randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU(), nn.BatchNorm2d(8))).eval()
+    ref = randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU(), nn.BatchNorm2d(8))).eval()
     fused = ck.FusedConvActBN(8, 8, 1, "gelu")
     fused.load_state_dict(ref.state_dict())
     fused.eval()
@@ -112,7 +101,7 @@ def test_autocast_behaves_like_unfused_layers():
 @pytest.mark.parametrize("training", (False, True))
 def test_compile_fullgraph_matches_eager(training):
     torch._dynamo.reset()
-    m = _randomize_bn(ck.ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=5, act="gelu"))
+    m = randomize_bn(ck.ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=5, act="gelu"))
     m.train(training)
     mc = copy.deepcopy(m)
     compiled = torch.compile(mc, fullgraph=True)

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../common/block_math.h"
+#include "../common/patch_gemm.h"
 #include "conv_act_bn.h"
 
 namespace cmk {
@@ -271,40 +272,8 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
     backward_pass_impl<scalar_t, CL, A, false>(s, dy, t, mean, rstd, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
 }
 
-// The GEMM operand Z (patches) and its layout-matched product with W.
-struct Gemm {
-  bool cl;
-  int64_t N, Cin, H, W, Ho, Wo, p, Cout, K;
-};
 
-Gemm make_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t patch) {
-  Gemm g;
-  g.cl = is_channels_last(x);
-  g.N = x.size(0); g.Cin = x.size(1); g.H = x.size(2); g.W = x.size(3);
-  g.p = patch; g.Ho = g.H / patch; g.Wo = g.W / patch;
-  g.Cout = weight.size(0); g.K = g.Cin * patch * patch;
-  return g;
-}
-
-// NCHW: Zt (N, K, L);  channels_last: Z (N*L, K). A view for the pointwise conv, a copy for the stem.
-at::Tensor patches(const Gemm& g, const at::Tensor& x) {
-  if (g.p == 1) return g.cl ? x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin}) : x.reshape({g.N, g.Cin, g.H * g.W});
-  at::Tensor xc = x.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
-  if (g.cl) return xc.permute({0, 2, 4, 1, 3, 5}).reshape({g.N * g.Ho * g.Wo, g.K});
-  return xc.permute({0, 1, 3, 5, 2, 4}).reshape({g.N, g.K, g.Ho * g.Wo});
-}
-
-// T = conv(x, W) without bias, in the output layout; returns (T as a 4-D tensor, its PCQ view).
-at::Tensor gemm_forward(const Gemm& g, const at::Tensor& Z, const at::Tensor& W2) {
-  if (g.cl) {
-    at::Tensor T = at::mm(Z, W2.t());  // (M, Cout) row-major == NHWC
-    return T.view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
-  }
-  at::Tensor T = at::matmul(W2, Z);  // (N, Cout, L)
-  return T.view({g.N, g.Cout, g.Ho, g.Wo});
-}
-
-PCQ pcq_of(const Gemm& g) {
+PCQ pcq_of(const PatchGemm& g) {
   return g.cl ? PCQ{g.N * g.Ho * g.Wo, g.Cout, 1} : PCQ{g.N, g.Cout, g.Ho * g.Wo};
 }
 
@@ -344,7 +313,7 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& rstd, bool batch_stats, double eps, int64_t act,
                                             int64_t patch, bool save_t) {
   check_cab_inputs(x, weight, bias, gamma, beta, patch);
-  const Gemm g = make_gemm(x, weight, patch);
+  const PatchGemm g = make_patch_gemm(x, weight, patch);
   const PCQ s = pcq_of(g);
   const auto acc_opts = gamma.options();
   // The GEMM output stays in the accumulation type (fp32 for bf16/fp16 inputs), so t = T + b is
@@ -407,7 +376,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                              const at::Tensor& rstd, const at::Tensor& t_saved, bool batch_stats,
                                              int64_t act, int64_t patch) {
   check_cab_inputs(x, weight, bias, gamma, gamma, patch);
-  const Gemm g = make_gemm(x, weight, patch);
+  const PatchGemm g = make_patch_gemm(x, weight, patch);
   const PCQ s = pcq_of(g);
   const auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.Ho &&
@@ -462,17 +431,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     for (int64_t n = 0; n < g.N; ++n) dW2.addmm_(dTm[n].to(dW2.scalar_type()), Z[n].t().to(dW2.scalar_type()));
     dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
   }
-  at::Tensor dx;
-  if (g.p == 1) {
-    dx = g.cl ? dZ.view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2}) : dZ.view({g.N, g.Cin, g.H, g.W});
-  } else {
-    dx = at::zeros_like(x, x.options(), fmt);
-    at::Tensor dst = dx.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
-    if (g.cl)
-      dst.permute({0, 2, 4, 1, 3, 5}).copy_(dZ.view({g.N, g.Ho, g.Wo, g.Cin, g.p, g.p}));
-    else
-      dst.permute({0, 1, 3, 5, 2, 4}).copy_(dZ.view({g.N, g.Cin, g.p, g.p, g.Ho, g.Wo}));
-  }
+  const at::Tensor dx = fold_patches(g, dZ, x);
   const auto acc = gamma.scalar_type();
   return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()), sum_dyg.to(acc),
           sum_dy.to(acc)};

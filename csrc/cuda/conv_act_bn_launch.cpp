@@ -4,6 +4,7 @@
 // at::mm / at::matmul (cuBLAS on the GPU), the patch gather/scatter of the stem (views and one copy),
 // dtype casts of the GEMM operands, and the casts of the per-channel results. Everything per element
 // after the GEMM runs in the kernels of conv_act_bn.cu.
+#include "../common/patch_gemm.h"
 #include "launch_common.h"
 #include "launchers.h"
 
@@ -11,34 +12,6 @@ namespace cmk {
 namespace CMK_KNS {
 namespace {
 
-// The GEMM operand Z (patches) and its layout-matched product with W (as in csrc/cpu/conv_act_bn.cpp).
-struct Gemm {
-  bool cl;
-  int64_t N, Cin, H, W, Ho, Wo, p, Cout, K;
-};
-
-Gemm make_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t patch) {
-  Gemm g;
-  g.cl = cpu::is_channels_last(x);
-  g.N = x.size(0); g.Cin = x.size(1); g.H = x.size(2); g.W = x.size(3);
-  g.p = patch; g.Ho = g.H / patch; g.Wo = g.W / patch;
-  g.Cout = weight.size(0); g.K = g.Cin * patch * patch;
-  return g;
-}
-
-// NCHW: Zt (N, K, L);  channels_last: Z (N*L, K). A view for the pointwise conv, a copy for the stem.
-at::Tensor patches(const Gemm& g, const at::Tensor& x) {
-  if (g.p == 1) return g.cl ? x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin}) : x.reshape({g.N, g.Cin, g.H * g.W});
-  at::Tensor xc = x.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
-  if (g.cl) return xc.permute({0, 2, 4, 1, 3, 5}).reshape({g.N * g.Ho * g.Wo, g.K});
-  return xc.permute({0, 1, 3, 5, 2, 4}).reshape({g.N, g.K, g.Ho * g.Wo});
-}
-
-// T = conv(x, W) without bias, dense in the output layout, as a 4-D (N, Cout, Ho, Wo) tensor.
-at::Tensor gemm_forward(const Gemm& g, const at::Tensor& Z, const at::Tensor& W2) {
-  if (g.cl) return at::mm(Z, W2.t()).view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
-  return at::matmul(W2, Z).view({g.N, g.Cout, g.Ho, g.Wo});
-}
 
 void check_cab(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                const at::Tensor& gamma, int64_t patch) {
@@ -65,7 +38,7 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
                                             int64_t patch, bool save_t) {
   const char* op = "conv_act_bn_forward";
   check_cab(op, x, weight, bias, gamma, patch);
-  const Gemm g = make_gemm(x, weight, patch);
+  const PatchGemm g = make_patch_gemm(x, weight, patch);
   check_per_channel_f32(op, "beta", beta, g.Cout);
   if (!batch_stats) {
     check_per_channel_f32(op, "mean", mean, g.Cout);
@@ -97,7 +70,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                              int64_t act, int64_t patch) {
   const char* op = "conv_act_bn_backward";
   check_cab(op, x, weight, bias, gamma, patch);
-  const Gemm g = make_gemm(x, weight, patch);
+  const PatchGemm g = make_patch_gemm(x, weight, patch);
   check_per_channel_f32(op, "mean", mean, g.Cout);
   check_per_channel_f32(op, "rstd", rstd, g.Cout);
   check_on_device(op, "grad_output", dy_in);
@@ -147,17 +120,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     dW2 = at::mm(dTm.transpose(0, 1).reshape({g.Cout, g.N * L}), Z.transpose(0, 1).reshape({g.K, g.N * L}).t());
     dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
   }
-  at::Tensor dx;
-  if (g.p == 1) {
-    dx = g.cl ? dZ.view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2}) : dZ.view({g.N, g.Cin, g.H, g.W});
-  } else {
-    dx = at::zeros_like(x, x.options(), fmt);
-    at::Tensor dst = dx.slice(2, 0, g.Ho * g.p).slice(3, 0, g.Wo * g.p).view({g.N, g.Cin, g.Ho, g.p, g.Wo, g.p});
-    if (g.cl)
-      dst.permute({0, 2, 4, 1, 3, 5}).copy_(dZ.view({g.N, g.Ho, g.Wo, g.Cin, g.p, g.p}));
-    else
-      dst.permute({0, 1, 3, 5, 2, 4}).copy_(dZ.view({g.N, g.Cin, g.p, g.p, g.Ho, g.Wo}));
-  }
+  const at::Tensor dx = fold_patches(g, dZ, x);
   return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()),
           sums.select(1, 1).contiguous(), sums.select(1, 0).contiguous()};
 }
