@@ -10,6 +10,20 @@
 
 namespace cmk {
 
+// Shape and dtype checks of a kernel = stride = patch conv, common to every backend's launcher.
+inline void check_patch_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             int64_t patch) {
+  TORCH_CHECK(patch >= 1, op, ": patch size must be >= 1, got ", patch);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == patch && weight.size(3) == patch,
+              op, ": weight must have shape (Cout, ", x.size(1), ", ", patch, ", ", patch, "), got ", weight.sizes());
+  TORCH_CHECK(x.size(2) >= patch && x.size(3) >= patch, op, ": input spatial size ", x.sizes(),
+              " is smaller than the patch size ", patch);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(), op,
+              ": weight/bias dtype must match the input dtype ", x.scalar_type());
+  const int64_t C = weight.size(0);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C && bias.is_contiguous(), op, ": bias must have shape (", C, ")");
+}
+
 struct PatchGemm {
   bool cl;
   int64_t N, Cin, H, W, Ho, Wo, p, Cout, K;

@@ -281,16 +281,9 @@ void check_cab_inputs(const at::Tensor& x, const at::Tensor& weight, const at::T
                       const at::Tensor& beta, int64_t patch) {
   const char* op = "conv_act_bn";
   check_activation_tensor(op, x);
-  TORCH_CHECK(patch >= 1, op, ": patch size must be >= 1, got ", patch);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == patch && weight.size(3) == patch,
-              op, ": weight must have shape (Cout, ", x.size(1), ", ", patch, ", ", patch, "), got ", weight.sizes());
-  TORCH_CHECK(x.size(2) >= patch && x.size(3) >= patch, op, ": input spatial size ", x.sizes(),
-              " is smaller than the patch size ", patch);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(), op,
-              ": weight/bias dtype must match the input dtype ", x.scalar_type());
+  check_patch_conv(op, x, weight, bias, patch);
   TORCH_CHECK(weight.device().is_cpu() && bias.device().is_cpu(), op, ": weight and bias must be CPU tensors");
   const int64_t C = weight.size(0);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, op, ": bias must have shape (", C, ")");
   const auto acc = acc_type_for(x.scalar_type());
   check_per_channel(op, "gamma", gamma, C, acc);
   check_per_channel(op, "beta", beta, C, acc);

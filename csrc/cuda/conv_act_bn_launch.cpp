@@ -18,15 +18,8 @@ void check_cab(const char* op, const at::Tensor& x, const at::Tensor& weight, co
   check_activation(op, x);
   check_on_device(op, "weight", weight);
   check_on_device(op, "bias", bias);
-  TORCH_CHECK(patch >= 1, op, ": patch size must be >= 1, got ", patch);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == patch && weight.size(3) == patch,
-              op, ": weight must have shape (Cout, ", x.size(1), ", ", patch, ", ", patch, "), got ", weight.sizes());
-  TORCH_CHECK(x.size(2) >= patch && x.size(3) >= patch, op, ": input spatial size ", x.sizes(),
-              " is smaller than the patch size ", patch);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(), op,
-              ": weight/bias dtype must match the input dtype ", x.scalar_type());
+  check_patch_conv(op, x, weight, bias, patch);
   const int64_t C = weight.size(0);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C && bias.is_contiguous(), op, ": bias must have shape (", C, ")");
   check_per_channel_f32(op, "gamma", gamma, C);
 }
 
