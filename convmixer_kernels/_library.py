@@ -7,7 +7,7 @@ the single implementation of nn.BatchNorm2d's rule, on per-channel tensors only 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -17,25 +17,34 @@ NAMESPACE = "convmixer"
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # csrc/common/block_math.h enum Act
 
 SCHEMAS = {
-    # y = x + gamma*(act(dwconv(x)+b) - mean)*rstd + beta.  Returns (y, batch_mean, batch_rstd, batch_var);
-    # the batch statistics are empty tensors when batch_stats is false (mean/rstd are then inputs).
+    # y = u + gamma*(act(dwconv(u)+b) - mean)*rstd + beta, where u = in_scale[c]*x + in_shift[c] (the
+    # previous pointwise block's BN apply, folded into this block's load; zero padding applies to u)
+    # or u = x when in_scale/in_shift are empty.  Returns (y, batch_mean, batch_rstd, batch_var); the
+    # batch statistics are empty tensors when batch_stats is false (mean/rstd are then inputs).
     "dw_block_forward":
-        "(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, "
-        "bool batch_stats, float eps, str act, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
-    # Returns (dx, dweight, dbias, dgamma, dbeta).
+        "(Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "
+        "Tensor mean, Tensor rstd, bool batch_stats, float eps, str act, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+    # Returns (dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift). With du = dL/du:
+    # dx = in_scale*du, din_scale = sum(du*x), din_shift = sum(du) per channel (empty without in_scale).
     "dw_block_backward":
-        "(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor mean, Tensor rstd, "
-        "bool batch_stats, str act, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    # y = gamma*(act(conv_p(x)+b) - mean)*rstd + beta with kernel = stride = patch (1: pointwise).
+        "(Tensor dy, Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, "
+        "Tensor mean, Tensor rstd, bool batch_stats, str act, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # y = gamma*(act(conv_p(x)+b) - mean)*rstd + beta with kernel = stride = patch (1: pointwise); with
+    # apply_bn false y = act(conv_p(x)+b) (the BN apply is left to the next depthwise block's load).
     # Returns (y, t, batch_mean, batch_rstd, batch_var); t = conv_p(x)+b when save_t, else empty.
     "conv_act_bn_forward":
         "(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, "
-        "bool batch_stats, float eps, str act, int patch, bool save_t, str backend) "
+        "bool batch_stats, float eps, str act, int patch, bool save_t, bool apply_bn, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    # Returns (dx, dweight, dbias, dgamma, dbeta); an empty t is recomputed from x.
+    # Returns (dx, dweight, dbias, dgamma, dbeta); an empty t is recomputed from x. With apply_bn false,
+    # dy is dL/dg for g = act(t), and dmean/drstd (empty: zero) are dL/d(batch mean), dL/d(batch rstd):
+    # dt = (dy + dmean/M - drstd*rstd^2*ghat/M)*act'(t)  (training),  dy*act'(t) (eval); dgamma = dbeta = 0.
     "conv_act_bn_backward":
         "(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor mean, Tensor rstd, Tensor t, "
-        "bool batch_stats, str act, int patch, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "Tensor dmean, Tensor drstd, bool batch_stats, str act, int patch, bool apply_bn, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -151,3 +160,25 @@ def update_running_stats_(running_mean, running_var, num_batches_tracked, moment
     unbiased = batch_var * (count / (count - 1))
     running_mean.mul_(1 - m).add_(batch_mean.to(running_mean.dtype) * m)
     running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype) * m)
+
+
+class PendingBN(NamedTuple):
+    """A BatchNorm output not yet written: z = scale[c]*g + shift[c], with scale = gamma*rstd and
+    shift = beta - mean*scale per channel (accumulation dtype). A pointwise block returns one when
+    the next depthwise block applies the affine on its load (cross-layer fusion, DESIGN.md section 3);
+    scale and shift carry the autograd graph back to gamma, beta and the batch statistics."""
+    g: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        """z itself, for a consumer that cannot take the pending form (one elementwise pass)."""
+        acc = acc_dtype(self.g.dtype)
+        shape = (1, -1, 1, 1)
+        return (self.g.to(acc) * self.scale.view(shape) + self.shift.view(shape)).to(self.g.dtype)
+
+
+def bn_affine(gamma, beta, mean, rstd):
+    """(scale, shift) of a BatchNorm apply: scale = gamma*rstd, shift = beta - mean*scale."""
+    scale = gamma * rstd
+    return scale, beta - mean * scale

@@ -7,13 +7,13 @@ it back, so t is not kept.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import backends, reference
-from ._library import (autocast_inputs, bn_operands, check_act, check_block_input, check_training_count,
+from ._library import (PendingBN, autocast_inputs, bn_affine, bn_operands, check_act, check_block_input, check_training_count,
                        dense, is_channels_last, op, qualname, register_backend_dispatch, update_running_stats_)
 
 # Below this GEMM reduction size (Cin * p * p) the backward recomputes t instead of saving it.
@@ -33,7 +33,8 @@ def _output_like(x: torch.Tensor, cout: int, patch: int) -> torch.Tensor:
 
 
 @torch.library.register_fake(qualname("conv_act_bn_forward"))
-def _conv_act_bn_forward_fake(x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, patch, save_t, backend):
+def _conv_act_bn_forward_fake(x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, patch, save_t,
+                              apply_bn, backend):
     cout = weight.shape[0]
     n = cout if batch_stats else 0
     t = _output_like(x, cout, patch) if save_t else x.new_empty(0)
@@ -41,27 +42,37 @@ def _conv_act_bn_forward_fake(x, weight, bias, gamma, beta, mean, rstd, batch_st
 
 
 @torch.library.register_fake(qualname("conv_act_bn_backward"))
-def _conv_act_bn_backward_fake(dy, x, weight, bias, gamma, mean, rstd, t, batch_stats, act, patch, backend):
+def _conv_act_bn_backward_fake(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd, batch_stats, act, patch,
+                               apply_bn, backend):
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return (torch.empty_like(x, memory_format=fmt), torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(gamma))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, patch, save_t, backend = inputs
+    x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, patch, save_t, apply_bn, backend = inputs
     y, t, batch_mean, batch_rstd, batch_var = output
     if batch_stats:
         mean, rstd = batch_mean, batch_rstd
     ctx.save_for_backward(x, weight, bias, gamma, mean, rstd, t)
-    ctx.batch_stats, ctx.act, ctx.patch, ctx.backend = batch_stats, act, patch, backend
-    ctx.mark_non_differentiable(t, batch_mean, batch_rstd, batch_var)
+    ctx.batch_stats, ctx.act, ctx.patch, ctx.apply_bn, ctx.backend = batch_stats, act, patch, apply_bn, backend
+    ctx.mark_non_differentiable(t, batch_var)
+    if apply_bn or not batch_stats:
+        ctx.mark_non_differentiable(batch_mean, batch_rstd)
+    # else: g's batch mean and rstd feed the next block's input affine, so gradients flow back through them.
 
 
-def _backward(ctx, dy, *_other_grads):
+def _backward(ctx, dy, _dt, dmean, drstd, _dvar):
     x, weight, bias, gamma, mean, rstd, t = ctx.saved_tensors
-    dx, dw, db, dgamma, dbeta = op("conv_act_bn_backward")(dy, x, weight, bias, gamma, mean, rstd, t,
-                                                            ctx.batch_stats, ctx.act, ctx.patch, ctx.backend)
-    return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None, None, None
+    empty = gamma.new_empty(0)
+    if dy is None:  # only the statistics were used
+        dy = _output_like(x, weight.shape[0], ctx.patch).zero_()
+    dx, dw, db, dgamma, dbeta = op("conv_act_bn_backward")(
+        dy, x, weight, bias, gamma, mean, rstd, t, empty if dmean is None else dmean,
+        empty if drstd is None else drstd, ctx.batch_stats, ctx.act, ctx.patch, ctx.apply_bn, ctx.backend)
+    if not ctx.apply_bn:
+        dgamma = dbeta = None
+    return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(qualname("conv_act_bn_forward"), _backward, setup_context=_setup_context)
@@ -74,9 +85,14 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
                 num_batches_tracked: Optional[torch.Tensor] = None, training: bool = True,
                 momentum: Optional[float] = 0.1, eps: float = 1e-5, act: str = "gelu", patch: int = 1,
-                save_t: Optional[bool] = None, backend: str = "auto") -> torch.Tensor:
+                save_t: Optional[bool] = None, backend: str = "auto",
+                defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
     """BatchNorm(act(conv2d(x, weight, bias, stride=patch))) with weight (Cout, Cin, patch, patch):
-    the pointwise block (patch=1) or the patch-embedding stem."""
+    the pointwise block (patch=1) or the patch-embedding stem.
+
+    defer_bn=True returns a `PendingBN` (g = act(conv) and the BN's per-channel scale/shift) for a
+    following `dw_block` to apply on its load, saving the apply pass; the running statistics are
+    updated here either way. (The reference backend returns the tensor itself.)"""
     check_act(act)
     check_block_input("conv_act_bn", x, weight, bias, gamma, beta, running_mean, running_var)
     cin = x.shape[1]
@@ -106,19 +122,22 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, gamma, beta))
         save_t = needs_grad and cin * patch * patch > RECOMPUTE_T_MAX_K
-    y, _, batch_mean, _, batch_var = op("conv_act_bn_forward")(dense(x), weight.contiguous(), bias, g, b, mean, rstd,
-                                                                batch_stats, eps, act, patch, save_t, name)
+    y, _, batch_mean, batch_rstd, batch_var = op("conv_act_bn_forward")(
+        dense(x), weight.contiguous(), bias, g, b, mean, rstd, batch_stats, eps, act, patch, save_t, not defer_bn, name)
     if training:
-        update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, batch_mean, batch_var, count)
+        update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, batch_mean.detach(),
+                              batch_var, count)
+    if defer_bn:
+        return PendingBN(y, *bn_affine(g, b, batch_mean if batch_stats else mean, batch_rstd if batch_stats else rstd))
     return y
 
 
 def conv_act_bn_modules(conv: nn.Conv2d, act: str, bn: nn.BatchNorm2d, x: torch.Tensor,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
     """The fused equivalent of ``bn(act(conv(x)))`` for modules the converter has validated."""
     return conv_act_bn(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                        bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, act, conv.stride[0],
-                       backend=backend)
+                       backend=backend, defer_bn=defer_bn)
 
 
 # --- module -----------------------------------------------------------------------------------------

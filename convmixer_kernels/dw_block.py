@@ -4,13 +4,13 @@ Forward saves only x and the per-channel statistics; the backward recomputes t =
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import backends, reference
-from ._library import (ACT_CODES, autocast_inputs, bn_operands, check_act, check_block_input,
+from ._library import (ACT_CODES, PendingBN, acc_dtype, autocast_inputs, bn_operands, check_act, check_block_input,
                        check_training_count, dense, op, qualname, register_backend_dispatch,
                        update_running_stats_)
 
@@ -21,32 +21,36 @@ register_backend_dispatch("dw_block_backward")
 
 
 @torch.library.register_fake(qualname("dw_block_forward"))
-def _dw_block_forward_fake(x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, backend):
+def _dw_block_forward_fake(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act,
+                           backend):
     n = x.shape[1] if batch_stats else 0
     return torch.empty_like(x), gamma.new_empty(n), gamma.new_empty(n), gamma.new_empty(n)
 
 
 @torch.library.register_fake(qualname("dw_block_backward"))
-def _dw_block_backward_fake(dy, x, weight, bias, gamma, mean, rstd, batch_stats, act, backend):
+def _dw_block_backward_fake(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats, act, backend):
     return (torch.empty_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(gamma))
+            torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(gamma),
+            torch.empty_like(in_scale), torch.empty_like(in_shift))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, backend = inputs
+    x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats, eps, act, backend = inputs
     y, batch_mean, batch_rstd, batch_var = output
     if batch_stats:
         mean, rstd = batch_mean, batch_rstd
-    ctx.save_for_backward(x, weight, bias, gamma, mean, rstd)
+    ctx.save_for_backward(x, in_scale, in_shift, weight, bias, gamma, mean, rstd)
     ctx.batch_stats, ctx.act, ctx.backend = batch_stats, act, backend
     ctx.mark_non_differentiable(batch_mean, batch_rstd, batch_var)
 
 
 def _backward(ctx, dy, *_stat_grads):
-    x, weight, bias, gamma, mean, rstd = ctx.saved_tensors
-    dx, dw, db, dgamma, dbeta = op("dw_block_backward")(dy, x, weight, bias, gamma, mean, rstd,
-                                                         ctx.batch_stats, ctx.act, ctx.backend)
-    return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None
+    x, in_scale, in_shift, weight, bias, gamma, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dgamma, dbeta, dscale, dshift = op("dw_block_backward")(
+        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, ctx.batch_stats, ctx.act, ctx.backend)
+    has_affine = in_scale.numel() > 0
+    return (dx, dscale if has_affine else None, dshift if has_affine else None, dw, db, dgamma, dbeta,
+            None, None, None, None, None, None)
 
 
 torch.library.register_autograd(qualname("dw_block_forward"), _backward, setup_context=_setup_context)
@@ -54,15 +58,22 @@ torch.library.register_autograd(qualname("dw_block_forward"), _backward, setup_c
 
 # --- functional -------------------------------------------------------------------------------------
 
-def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Optional[torch.Tensor],
              gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
              running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
              num_batches_tracked: Optional[torch.Tensor] = None, training: bool = True,
              momentum: Optional[float] = 0.1, eps: float = 1e-5, act: str = "gelu",
              backend: str = "auto") -> torch.Tensor:
     """x + BatchNorm(act(depthwise_conv(x, weight, bias, padding='same'))), with nn.BatchNorm2d's
-    semantics for training/eval, running statistics, momentum=None and affine/track_running_stats off."""
+    semantics for training/eval, running statistics, momentum=None and affine/track_running_stats off.
+
+    `x` may be a `PendingBN` (the previous pointwise block's output before its BN apply): the block
+    then applies z = scale*g + shift as it loads g, and computes the same result as dw_block(z)."""
     check_act(act)
+    if isinstance(x, PendingBN):
+        x, in_scale, in_shift = x
+    else:
+        in_scale = in_shift = None
     check_block_input("dw_block", x, weight, bias, gamma, beta, running_mean, running_var)
     C = x.shape[1]
     if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
@@ -76,6 +87,14 @@ def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     count = x.shape[0] * x.shape[2] * x.shape[3]
     check_training_count("dw_block", count, training)
     name = backends.resolve(backend, x.device, "dw_block")
+    if in_scale is not None:
+        acc = acc_dtype(x.dtype)
+        in_scale, in_shift = in_scale.to(acc), in_shift.to(acc)
+        if in_scale.shape != (C,) or in_shift.shape != (C,):
+            raise ValueError(f"dw_block: the pending BatchNorm's scale/shift have shapes {tuple(in_scale.shape)}, "
+                             f"{tuple(in_shift.shape)}, expected ({C},)")
+        if name == "reference":
+            x = PendingBN(x, in_scale, in_shift).materialize()
     if name == "reference":
         return reference.dw_block_reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                             num_batches_tracked, training, momentum, eps, act)
@@ -83,8 +102,10 @@ def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         bias = torch.zeros(C, dtype=x.dtype, device=x.device)
     g, b, mean, rstd, batch_stats = bn_operands(x.dtype, C, x.device, gamma, beta, running_mean, running_var,
                                                 training, eps)
-    y, batch_mean, _, batch_var = op("dw_block_forward")(dense(x), weight.contiguous(), bias, g, b, mean, rstd,
-                                                          batch_stats, eps, act, name)
+    if in_scale is None:
+        in_scale = in_shift = torch.empty(0, dtype=g.dtype, device=x.device)
+    y, batch_mean, _, batch_var = op("dw_block_forward")(dense(x), in_scale, in_shift, weight.contiguous(), bias, g, b,
+                                                          mean, rstd, batch_stats, eps, act, name)
     if training:
         update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, batch_mean, batch_var, count)
     return y
@@ -119,7 +140,7 @@ class FusedDepthwiseBlock(nn.Module):
         self.backend = backend
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, PendingBN]) -> torch.Tensor:
         conv, bn = self.fn[0], self.fn[2]
         return dw_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                         bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.act, self.backend)

@@ -9,6 +9,7 @@
 //   eval forward     : y = A*act(T + b) + B in place in the GEMM output (t written too when saved).
 //   training forward : t = T + b in place with block-wise mean/M2 of act(t), merged with Chan's rule;
 //                      then y = A*act(t) + B.
+//   apply_bn = false : y = act(t) (the BN apply is folded into the next depthwise block's load).
 //   backward         : reduce sum(dy), sum(dy*ghat) (training only); then dt = dg*act'(t) with
 //                      db = sum(dt) (and, in eval, the dgamma/dbeta sums) in one sweep; then the
 //                      two GEMMs dW = dT^T Z and dZ = dT W.
@@ -304,7 +305,7 @@ void dispatch_layout_act(bool cl, int64_t act, F&& f) {
 std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                             const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
                                             const at::Tensor& rstd, bool batch_stats, double eps, int64_t act,
-                                            int64_t patch, bool save_t) {
+                                            int64_t patch, bool save_t, bool apply_bn) {
   check_cab_inputs(x, weight, bias, gamma, beta, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   const PCQ s = pcq_of(g);
@@ -338,9 +339,10 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
                                            mean_d.data_ptr<double>(), var_d.data_ptr<double>());
         rstd_d = (var_d + eps).rsqrt();
       }
-      // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values).
-      const at::Tensor Aff = gamma.to(at::kDouble) * rstd_d;
-      const at::Tensor Bff = beta.to(at::kDouble) - mean_d * Aff;
+      // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values);
+      // A = 1, B = 0 (y = act(t)) when the next block applies the BN.
+      const at::Tensor Aff = apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones({g.Cout}, acc_opts.dtype(at::kDouble));
+      const at::Tensor Bff = apply_bn ? beta.to(at::kDouble) - mean_d * Aff : at::zeros_like(Aff);
       const scalar_t* b_apply = batch_stats ? nullptr : bias.const_data_ptr<scalar_t>();
       // Eval without a saved t writes y over the GEMM output when the dtypes agree.
       const bool y_in_place = same_type && !batch_stats && !save_t;
@@ -366,8 +368,9 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
 
 std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                                             const at::Tensor& rstd, const at::Tensor& t_saved, bool batch_stats,
-                                             int64_t act, int64_t patch) {
+                                             const at::Tensor& rstd, const at::Tensor& t_saved,
+                                             const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
+                                             int64_t act, int64_t patch, bool apply_bn) {
   check_cab_inputs(x, weight, bias, gamma, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   const PCQ s = pcq_of(g);
@@ -386,8 +389,11 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     t = gemm_forward(g, Z.to(acc), W2.to(acc)).add_(bias.to(acc).view({1, g.Cout, 1, 1})).to(x.scalar_type());
   }
   t = t.contiguous(fmt);
+  for (const auto& [name, v] : {std::make_pair("dmean", &dmean), std::make_pair("drstd", &drstd)})
+    if (v->numel()) check_per_channel("conv_act_bn_backward", name, *v, g.Cout, gamma.scalar_type());
   const at::Tensor mean_d = mean.to(at::kDouble), rstd_d = rstd.to(at::kDouble);
-  const at::Tensor a = gamma.to(at::kDouble) * rstd_d;
+  const at::Tensor a = apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones_like(rstd_d);
+  const double M = static_cast<double>(g.N * g.Ho * g.Wo);
   at::Tensor sum_dy = poisoned(at::empty({g.Cout}, mean_d.options())), sum_dyg = poisoned(at::empty_like(sum_dy));
   at::Tensor sum_dt = poisoned(at::empty_like(sum_dy));
   at::Tensor dT = poisoned(at::empty_like(t, t.options(), fmt));
@@ -396,12 +402,16 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
       constexpr bool cl = decltype(CL)::value;
       constexpr int A = decltype(ACT)::value;
       at::Tensor c1 = at::zeros_like(sum_dy), c2 = at::zeros_like(sum_dy);
-      if (batch_stats) {
+      if (!apply_bn) {
+        // dy is dL/dg; the batch mean and rstd had gradients of their own (the next block's input
+        // affine used them): dg += dmean/M - drstd*rstd^2*ghat/M, i.e. c1 = -dmean/M, c2 = drstd*rstd^2/M.
+        if (batch_stats && dmean.numel()) c1 = -dmean.to(at::kDouble) / M;
+        if (batch_stats && drstd.numel()) c2 = drstd.to(at::kDouble) * rstd_d * rstd_d / M;
+      } else if (batch_stats) {
         backward_pass<scalar_t, cl, A>(s, dy.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
                                        mean_d.const_data_ptr<double>(), rstd_d.const_data_ptr<double>(), nullptr,
                                        nullptr, nullptr, nullptr, nullptr, sum_dy.data_ptr<double>(),
                                        sum_dyg.data_ptr<double>());
-        const double M = static_cast<double>(g.N * g.Ho * g.Wo);
         c1 = sum_dy / M;
         c2 = sum_dyg / M;
       }
@@ -426,6 +436,10 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
   }
   const at::Tensor dx = fold_patches(g, dZ, x);
   const auto acc = gamma.scalar_type();
+  if (!apply_bn) {  // gamma and beta were not used
+    sum_dyg.zero_();
+    sum_dy.zero_();
+  }
   return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()), sum_dyg.to(acc),
           sum_dy.to(acc)};
 }

@@ -71,8 +71,17 @@ inline int64_t elem_offset(const PlaneGeom& g, int64_t n, int64_t c, int64_t p) 
 
 // Copy plane (n, group) of src into the zero-padded buffer with its top-left corner at (off, off).
 // The halo and the round-up margin are never written, so a buffer zeroed once per thread stays valid.
+// With an input affine (per-lane scale/shift, see InputAffine) the buffer holds u = scale*x + shift:
+// the previous block's BN apply happens here, on in-bounds elements only (zero padding is of u).
+template <typename acc_t>
+struct InputAffine {
+  const acc_t* scale = nullptr;  // per lane (group_lanes); nullptr: u = x
+  const acc_t* shift = nullptr;
+};
+
 template <typename scalar_t, typename acc_t, bool CL>
-void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, int64_t off, acc_t* buf) {
+void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, int64_t off, acc_t* buf,
+                 InputAffine<acc_t> aff = {}) {
   constexpr int CB = TileShape<acc_t, CL>::CB;
   const int64_t c0 = group * CB;
   const int64_t cb = std::min<int64_t>(CB, g.C - c0);
@@ -86,8 +95,15 @@ void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gro
         } else {
           for (int64_t c = 0; c < cb; ++c) row[w * CB + c] = static_cast<acc_t>(s[w * g.C + c]);
         }
+      if (aff.scale)
+        for (int64_t w = 0; w < g.W; ++w)
+          for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.scale[c] * row[w * CB + c] + aff.shift[c];
     } else {
       for (int64_t w = 0; w < g.W; ++w) row[w] = static_cast<acc_t>(s[w]);
+      if (aff.scale) {
+        const acc_t a = aff.scale[0], b = aff.shift[0];
+        for (int64_t w = 0; w < g.W; ++w) row[w] = a * row[w] + b;
+      }
     }
   }
 }
@@ -124,14 +140,21 @@ int64_t plane_len(const PlaneGeom& g) {
   return round_up(g.HW * TileShape<acc_t, CL>::CB, Simd<acc_t>::N);
 }
 
-// Dense plane <- plane (n, group) of a tensor (lanes past C untouched).
+// Dense plane <- plane (n, group) of a tensor (lanes past C untouched), through the input affine
+// when one is given (lanes past C then hold shift = 0: group_lanes zero-fills them).
 template <typename scalar_t, typename acc_t, bool CL>
-void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, acc_t* dst) {
+void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, acc_t* dst,
+                  InputAffine<acc_t> aff = {}) {
   constexpr int CB = TileShape<acc_t, CL>::CB;
   const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
   const scalar_t* s = src + elem_offset<CL>(g, n, c0, 0);
   if (!CL) {
     for (int64_t p = 0; p < g.HW; ++p) dst[p] = static_cast<acc_t>(s[p]);
+    if (aff.scale) {
+      const acc_t a = aff.scale[0], b = aff.shift[0];
+      for (int64_t p = 0; p < g.HW; ++p) dst[p] = a * dst[p] + b;
+    }
+    return;
   } else if (cb == CB) {
     for (int64_t p = 0; p < g.HW; ++p)
       for (int c = 0; c < CB; ++c) dst[p * CB + c] = static_cast<acc_t>(s[p * g.C + c]);
@@ -139,6 +162,9 @@ void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gr
     for (int64_t p = 0; p < g.HW; ++p)
       for (int64_t c = 0; c < cb; ++c) dst[p * CB + c] = static_cast<acc_t>(s[p * g.C + c]);
   }
+  if (aff.scale)
+    for (int64_t p = 0; p < g.HW; ++p)
+      for (int c = 0; c < CB; ++c) dst[p * CB + c] = aff.scale[c] * dst[p * CB + c] + aff.shift[c];
 }
 
 // Plane (n, group) of a tensor <- dense plane (valid lanes only).
@@ -424,8 +450,8 @@ struct Scratch {
 };
 
 template <typename scalar_t, bool CL>
-void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
-                  const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
+void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                  const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
                   double eps, int64_t act, at::Tensor& y, at::Tensor& var) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
@@ -440,6 +466,15 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   acc_t* rstdp = rstd.data_ptr<acc_t>();
   acc_t* varp = batch_stats ? var.data_ptr<acc_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
+  const acc_t* isp = in_scale.numel() ? in_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* ishp = in_scale.numel() ? in_shift.const_data_ptr<acc_t>() : nullptr;
+  // Per-lane input affine of one channel group (empty vectors: none).
+  auto input_affine = [&](int64_t group, std::vector<acc_t>& sc, std::vector<acc_t>& sh) {
+    if (!isp) return InputAffine<acc_t>{};
+    sc = group_lanes<acc_t, CL>(g, isp, group);
+    sh = group_lanes<acc_t, CL>(g, ishp, group);
+    return InputAffine<acc_t>{sc.data(), sh.data()};
+  };
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
@@ -464,7 +499,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
       // Eval: planes are independent; one pass over x (the residual comes from the padded copy).
       at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
         Scratch<acc_t, CL> s(g, false);
-        std::vector<acc_t> scale, shift;
+        std::vector<acc_t> scale, shift, in_sc, in_sh;
+        InputAffine<acc_t> in_aff;
         int64_t cur = -1;
         std::vector<acc_t> wt, bv;
         for (int64_t idx = begin; idx < end; ++idx) {
@@ -473,9 +509,10 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
             wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
             bv = group_lanes<acc_t, CL>(g, bp, group);
             affine(group, scale, shift);
+            in_aff = input_affine(group, in_sc, in_sh);
             cur = group;
           }
-          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
+          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
           // y = x + scale*act(t) + shift straight from each register tile, x from the padded copy.
           const acc_t* pad = s.pad.data();
           const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
@@ -528,14 +565,15 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
-      std::vector<acc_t> scale, shift;
+      std::vector<acc_t> scale, shift, in_sc, in_sh;
       for (int64_t group = begin; group < end; ++group) {
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
         const auto bv = group_lanes<acc_t, CL>(g, bp, group);
+        const InputAffine<acc_t> in_aff = input_affine(group, in_sc, in_sh);
         acc_t* G = s.batch.data();
         double sum[VL] = {0}, m2[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
-          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
+          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
           acc_t* gn = G + n * len;
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), gn);
           acc_t part[VL] = {0};
@@ -568,7 +606,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
         }
         affine(group, scale, shift);
         for (int64_t n = 0; n < g.N; ++n) {
-          gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data());
+          gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data(), in_aff);
           apply(s.aux.data(), G + n * len, scale.data(), shift.data());
           scatter_plane<scalar_t, acc_t, CL>(g, s.aux.data(), n, group, yp);
         }
@@ -578,10 +616,10 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 }
 
 template <typename scalar_t, bool CL>
-void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                   const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
-                   int64_t act, at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dgamma,
-                   at::Tensor& dbeta) {
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
+                   const at::Tensor& rstd, bool batch_stats, int64_t act, at::Tensor& dx, at::Tensor& dweight,
+                   at::Tensor& dbias, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dscale, at::Tensor& dshift) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
@@ -599,6 +637,11 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   scalar_t* dbp = dbias.data_ptr<scalar_t>();
   acc_t* dgp = dgamma.data_ptr<acc_t>();
   acc_t* dbetap = dbeta.data_ptr<acc_t>();
+  const bool has_affine = in_scale.numel() > 0;
+  const acc_t* isp = has_affine ? in_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* ishp = has_affine ? in_shift.const_data_ptr<acc_t>() : nullptr;
+  acc_t* dscp = has_affine ? dscale.data_ptr<acc_t>() : nullptr;
+  acc_t* dshp = has_affine ? dshift.data_ptr<acc_t>() : nullptr;
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
@@ -614,13 +657,20 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         const auto mu = group_lanes<acc_t, CL>(g, meanp, group);
         const auto rs = group_lanes<acc_t, CL>(g, rstdp, group);
         const auto ga = group_lanes<acc_t, CL>(g, gp, group);
+        std::vector<acc_t> in_sc, in_sh;
+        InputAffine<acc_t> in_aff;
+        if (has_affine) {
+          in_sc = group_lanes<acc_t, CL>(g, isp, group);
+          in_sh = group_lanes<acc_t, CL>(g, ishp, group);
+          in_aff = {in_sc.data(), in_sh.data()};
+        }
         acc_t* T = s.batch.data();
         acc_t* dyb = s.aux.data();
 
         // Pass 1: recompute t into the scratch, reduce sum(dy) and sum(dy * ghat).
         double sdy[VL] = {0}, sdyg[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
-          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
+          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
           acc_t* tn = T + n * len;
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), tn);
           gather_plane<scalar_t, acc_t, CL>(g, dyp, n, group, dyb);
@@ -645,7 +695,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 
         // Pass 2: dt, db, dw, dx.
         std::vector<double> dwacc(kk * CB, 0.0);
-        double dbacc[VL] = {0};
+        double dbacc[VL] = {0}, dscacc[VL] = {0}, dshacc[VL] = {0};
         acc_t* dtb = s.plane.data();
         for (int64_t n = 0; n < g.N; ++n) {
           const acc_t* tn = T + n * len;
@@ -664,11 +714,25 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           // (its halo stays zero: only the H x W interior is ever written).
           plane_to_padded<acc_t, CL>(g, dtb, pr, dtpad.data());
           // dw[c,i,j] += sum_{h,w} dt[h,w] * xpad[h+i, w+j]
-          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
+          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
           weight_grad_plane<acc_t, CL>(g, dtpad.data(), pr, s.pad.data(), dwacc.data());
-          // dx = dy + conv(dtpad, flipped w)
+          // du = dy + conv(dtpad, flipped w)
           conv_plane<acc_t, CL>(g, dtpad.data(), wflip.data(), zero.data(), dtb);
           for (int64_t e = 0; e < len; ++e) dyb[e] += dtb[e];
+          if (has_affine) {
+            // u = scale*x + shift:  dx = scale*du,  dscale = sum(du*x),  dshift = sum(du)
+            gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, dtb);
+            acc_t p1[VL] = {0}, p2[VL] = {0};
+            for (int64_t e = 0; e < len; e += VL)
+              for (int l = 0; l < VL; ++l) {
+                const acc_t du = (e + l < valid) ? dyb[e + l] : acc_t(0);
+                p1[l] += du * dtb[e + l];
+                p2[l] += du;
+                dyb[e + l] = in_sc[l] * du;
+              }
+            reduce_lanes<acc_t, CL>(p1, dscacc);
+            reduce_lanes<acc_t, CL>(p2, dshacc);
+          }
           scatter_plane<scalar_t, acc_t, CL>(g, dyb, n, group, dxp);
         }
         for (int64_t c = 0; c < cb; ++c) {
@@ -677,6 +741,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           dbp[ch] = static_cast<scalar_t>(dbacc[c]);
           dgp[ch] = static_cast<acc_t>(sdyg[c]);
           dbetap[ch] = static_cast<acc_t>(sdy[c]);
+          if (has_affine) {
+            dscp[ch] = static_cast<acc_t>(dscacc[c]);
+            dshp[ch] = static_cast<acc_t>(dshacc[c]);
+          }
         }
       }
     });
@@ -685,10 +753,11 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 
 }  // namespace
 
-std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-                                         const at::Tensor& rstd, bool batch_stats, double eps, int64_t act) {
-  check_dw_inputs(x, weight, bias, gamma, beta, mean, rstd, batch_stats);
+std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
+                                         bool batch_stats, double eps, int64_t act) {
+  check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats);
   const bool cl = is_channels_last(x);
   const auto acc_opts = gamma.options();
   at::Tensor y = poisoned(at::empty_like(x));  // preserves x's strides (the fake impl does the same)
@@ -697,18 +766,21 @@ std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& 
   at::Tensor var_out = batch_stats ? poisoned(at::empty({x.size(1)}, acc_opts)) : at::empty({0}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_forward_cpu", [&] {
     if (cl)
-      forward_impl<scalar_t, true>(x, weight.contiguous(), bias, gamma, beta, mean_out, rstd_out, batch_stats, eps, act, y, var_out);
+      forward_impl<scalar_t, true>(x, in_scale, in_shift, weight.contiguous(), bias, gamma, beta, mean_out, rstd_out,
+                                   batch_stats, eps, act, y, var_out);
     else
-      forward_impl<scalar_t, false>(x, weight.contiguous(), bias, gamma, beta, mean_out, rstd_out, batch_stats, eps, act, y, var_out);
+      forward_impl<scalar_t, false>(x, in_scale, in_shift, weight.contiguous(), bias, gamma, beta, mean_out, rstd_out,
+                                    batch_stats, eps, act, y, var_out);
   });
   if (!batch_stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts), var_out};
   return {y, mean_out, rstd_out, var_out};
 }
 
-std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
-                                          const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                                          const at::Tensor& rstd, bool batch_stats, int64_t act) {
-  check_dw_inputs(x, weight, bias, gamma, gamma, mean, rstd, false);
+std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_scale,
+                                          const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
+                                          const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd,
+                                          bool batch_stats, int64_t act) {
+  check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, false);
   const bool cl = is_channels_last(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(dy_in.sizes() == x.sizes(), "dw_block_backward: grad_output has shape ", dy_in.sizes(),
@@ -721,15 +793,17 @@ std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Ten
   at::Tensor dbias = poisoned(at::empty_like(bias));
   at::Tensor dgamma = poisoned(at::empty_like(gamma));
   at::Tensor dbeta = poisoned(at::empty_like(gamma));
+  at::Tensor dscale = poisoned(at::empty_like(in_scale));
+  at::Tensor dshift = poisoned(at::empty_like(in_shift));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_backward_cpu", [&] {
     if (cl)
-      backward_impl<scalar_t, true>(dy, x, weight.contiguous(), bias, gamma, mean, rstd, batch_stats, act, dx, dweight,
-                                    dbias, dgamma, dbeta);
+      backward_impl<scalar_t, true>(dy, x, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
+                                    batch_stats, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
     else
-      backward_impl<scalar_t, false>(dy, x, weight.contiguous(), bias, gamma, mean, rstd, batch_stats, act, dx,
-                                     dweight, dbias, dgamma, dbeta);
+      backward_impl<scalar_t, false>(dy, x, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
+                                     batch_stats, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
   });
-  return {dx, dweight, dbias, dgamma, dbeta};
+  return {dx, dweight, dbias, dgamma, dbeta, dscale, dshift};
 }
 
 }  // namespace cpu

@@ -9,9 +9,20 @@
 namespace cmk {
 namespace cpu {
 
-inline void check_dw_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-                            const at::Tensor& rstd, bool batch_stats) {
+// The input affine u = in_scale*x + in_shift (the previous pointwise block's BN apply): both empty,
+// or both C values in the accumulation dtype.
+inline void check_input_affine(const char* op, const at::Tensor& in_scale, const at::Tensor& in_shift, int64_t C,
+                               at::ScalarType acc) {
+  TORCH_CHECK(in_scale.numel() == in_shift.numel(), op, ": in_scale and in_shift must both be empty or both have ",
+              C, " elements, got ", in_scale.sizes(), " and ", in_shift.sizes());
+  if (in_scale.numel() == 0) return;
+  check_per_channel(op, "in_scale", in_scale, C, acc);
+  check_per_channel(op, "in_shift", in_shift, C, acc);
+}
+
+inline void check_dw_inputs(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                            const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+                            const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats) {
   const char* op = "dw_block";
   check_activation_tensor(op, x);
   const int64_t C = x.size(1);
@@ -25,6 +36,7 @@ inline void check_dw_inputs(const at::Tensor& x, const at::Tensor& weight, const
   const auto acc = acc_type_for(x.scalar_type());
   check_per_channel(op, "gamma", gamma, C, acc);
   check_per_channel(op, "beta", beta, C, acc);
+  check_input_affine(op, in_scale, in_shift, C, acc);
   if (!batch_stats) {
     check_per_channel(op, "mean", mean, C, acc);
     check_per_channel(op, "rstd", rstd, C, acc);
@@ -32,14 +44,18 @@ inline void check_dw_inputs(const at::Tensor& x, const at::Tensor& weight, const
 }
 
 // Returns {y, mean, rstd, var}: the batch statistics (biased var), empty when batch_stats is false.
-std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-                                         const at::Tensor& rstd, bool batch_stats, double eps, int64_t act);
+// The block's input is u = in_scale*x + in_shift per channel, or x when both are empty.
+std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
+                                         bool batch_stats, double eps, int64_t act);
 
-// Returns {dx, dweight, dbias, dgamma, dbeta}.
-std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                                          const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                                          const at::Tensor& rstd, bool batch_stats, int64_t act);
+// Returns {dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift} (the last two empty without an
+// input affine).
+std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale,
+                                          const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
+                                          const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd,
+                                          bool batch_stats, int64_t act);
 
 }  // namespace cpu
 }  // namespace cmk

@@ -28,8 +28,9 @@ void check_cab(const char* op, const at::Tensor& x, const at::Tensor& weight, co
 std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                             const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
                                             const at::Tensor& rstd, bool batch_stats, double eps, int64_t act,
-                                            int64_t patch, bool save_t) {
+                                            int64_t patch, bool save_t, bool apply_bn) {
   const char* op = "conv_act_bn_forward";
+  TORCH_CHECK(apply_bn, op, ": apply_bn=false is not implemented yet");
   check_cab(op, x, weight, bias, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   check_per_channel_f32(op, "beta", beta, g.Cout);
@@ -59,9 +60,11 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
 
 std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                                             const at::Tensor& rstd, const at::Tensor& t_saved, bool batch_stats,
-                                             int64_t act, int64_t patch) {
+                                             const at::Tensor& rstd, const at::Tensor& t_saved,
+                                             const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
+                                             int64_t act, int64_t patch, bool apply_bn) {
   const char* op = "conv_act_bn_backward";
+  TORCH_CHECK(apply_bn, op, ": apply_bn=false is not implemented yet");
   check_cab(op, x, weight, bias, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   check_per_channel_f32(op, "mean", mean, g.Cout);

@@ -27,10 +27,12 @@ void check_dw(const char* op, const at::Tensor& x, const at::Tensor& weight, con
 
 }  // namespace
 
-std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias,
-                                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-                                         const at::Tensor& rstd, bool batch_stats, double eps, int64_t act) {
+std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                         const at::Tensor& weight_in, const at::Tensor& bias, const at::Tensor& gamma,
+                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
+                                         bool batch_stats, double eps, int64_t act) {
   const char* op = "dw_block_forward";
+  TORCH_CHECK(in_scale.numel() == 0 && in_shift.numel() == 0, op, ": the input affine is not implemented yet");
   check_dw(op, x, weight_in, bias, gamma);
   const int64_t C = x.size(1), k = weight_in.size(2);
   check_per_channel_f32(op, "beta", beta, C);
@@ -56,10 +58,12 @@ std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& 
   return {y, mean_out, rstd_out, var_out};
 }
 
-std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight_in,
+std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_scale,
+                                          const at::Tensor& in_shift, const at::Tensor& weight_in,
                                           const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
                                           const at::Tensor& rstd, bool batch_stats, int64_t act) {
   const char* op = "dw_block_backward";
+  TORCH_CHECK(in_scale.numel() == 0 && in_shift.numel() == 0, op, ": the input affine is not implemented yet");
   check_dw(op, x, weight_in, bias, gamma);
   const int64_t C = x.size(1), k = weight_in.size(2);
   check_per_channel_f32(op, "mean", mean, C);
@@ -85,7 +89,8 @@ std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Ten
                            grads.data_ptr<float>(), ws.data_ptr<float>(), current_stream(x));
   at::Tensor dweight = grads.narrow(1, 0, k * k).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
   at::Tensor dbias = grads.select(1, k * k).to(bias.scalar_type()).contiguous();
-  return {dx, dweight, dbias, sums.select(1, 1).contiguous(), sums.select(1, 0).contiguous()};
+  return {dx, dweight, dbias, sums.select(1, 1).contiguous(), sums.select(1, 0).contiguous(), at::empty({0}, f32),
+          at::empty({0}, f32)};
 }
 
 }  // namespace CMK_KNS

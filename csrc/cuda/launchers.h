@@ -8,20 +8,24 @@
 #include <vector>
 
 #define CMK_DECLARE_CUDA_LAUNCHERS                                                                                   \
-  std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,     \
-                                           const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,   \
-                                           const at::Tensor& rstd, bool batch_stats, double eps, int64_t act);        \
-  std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,     \
+  std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_scale,                        \
+                                           const at::Tensor& in_shift, const at::Tensor& weight,                      \
+                                           const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,   \
+                                           const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,          \
+                                           double eps, int64_t act);                                                  \
+  std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale,   \
+                                            const at::Tensor& in_shift, const at::Tensor& weight,                     \
                                             const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,  \
                                             const at::Tensor& rstd, bool batch_stats, int64_t act);                   \
   std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,  \
                                               const at::Tensor& gamma, const at::Tensor& beta,                        \
                                               const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,       \
-                                              double eps, int64_t act, int64_t patch, bool save_t);                   \
+                                              double eps, int64_t act, int64_t patch, bool save_t, bool apply_bn);    \
   std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,  \
                                                const at::Tensor& bias, const at::Tensor& gamma,                       \
                                                const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& t,   \
-                                               bool batch_stats, int64_t act, int64_t patch);
+                                               const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,    \
+                                               int64_t act, int64_t patch, bool apply_bn);
 
 namespace cmk {
 namespace cuda {
