@@ -7,9 +7,11 @@ from .backends import available_backends
 from .conv_act_bn import FusedConvActBN, conv_act_bn
 from .convert import ConversionReport, convert
 from .dw_block import FusedDepthwiseBlock, dw_block
-from .model import ConvMixer, FusedSequential, set_backend
+from ._library import PendingBN
+from .model import ConvMixer, FusedSequential, set_backend, set_cross_layer
 
 __version__ = "0.1.0"
 
 __all__ = ["FusedDepthwiseBlock", "FusedConvActBN", "ConvMixer", "FusedSequential", "convert",
-           "ConversionReport", "available_backends", "dw_block", "conv_act_bn", "set_backend"]
+           "ConversionReport", "available_backends", "dw_block", "conv_act_bn", "set_backend", "set_cross_layer",
+           "PendingBN"]

@@ -167,8 +167,9 @@ class FusedConvActBN(nn.Sequential):
         self.backend = backend
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_act_bn_modules(self[0], self.act, self[2], x, self.backend)
+    def forward(self, x: torch.Tensor, defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
+        """defer_bn=True: returns a PendingBN for a following fused depthwise block (cross-layer fusion)."""
+        return conv_act_bn_modules(self[0], self.act, self[2], x, self.backend, defer_bn=defer_bn)
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}, backend={self.backend!r}"

@@ -7,6 +7,11 @@ Patterns:
   * a run Conv2d(kernel = stride = p, no padding) -> act -> BatchNorm2d inside an nn.Sequential (the
     pointwise conv and the stem): the Sequential becomes a FusedSequential with the same children.
 Anything that looks like a pattern but cannot be fused exactly is left alone and reported.
+
+Cross-layer fusion: a Sequential whose children chain a conv-act-BN into a fused depthwise block
+(the paper's flat model; timm's ``blocks``) becomes a FusedSequential too, so the pointwise BN apply
+runs inside the next depthwise block's load. Not across a parent's own forward: timm's ConvMixer
+calls ``stem`` and ``blocks`` separately, so its stem still writes its normalized output.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch.nn as nn
 
 from .conv_act_bn import FusedConvActBN
 from .dw_block import FusedDepthwiseBlock
-from .model import FusedSequential
+from .model import FusedSequential, accepts_pending, emits_pending
 
 
 @dataclass
@@ -117,8 +122,9 @@ def _recast(module: nn.Module, cls: type, **attrs) -> nn.Module:
 
 
 class _Converter:
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, cross_layer: bool):
         self.backend = backend
+        self.cross_layer = cross_layer
         self.report = ConversionReport()
 
     def convert(self, module: nn.Module, path: str) -> nn.Module:
@@ -157,20 +163,23 @@ class _Converter:
                 self.report.skipped.append((where, problem))
             plan.append(("module", i))
             i += 1
-        if not any(step[0] == "fused" for step in plan):
+        chains = self.cross_layer and any(emits_pending(a) and accepts_pending(b) for a, b in zip(mods, mods[1:]))
+        if not chains and not any(step[0] == "fused" for step in plan):
             return seq
-        if len(mods) == 3 and plan == [("fused", 0, plan[0][2])]:
+        if len(mods) == 3 and len(plan) == 1 and plan[0][0] == "fused":
             return _recast(seq, FusedConvActBN, act=plan[0][2], backend=self.backend)
-        return _recast(seq, FusedSequential, plan=tuple(plan), backend=self.backend)
+        return _recast(seq, FusedSequential, plan=tuple(plan), backend=self.backend, cross_layer=self.cross_layer)
 
 
-def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False):
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False,
+            cross_layer: bool = True):
     """Swaps fused modules into `model` (a copy unless inplace=True). Keeps every parameter and buffer
     name and value, and the train/eval mode. Returns the model, or (model, ConversionReport) when
-    return_report is true; unfusable look-alikes are also reported with a warning."""
+    return_report is true; unfusable look-alikes are also reported with a warning. cross_layer=False
+    keeps every BN apply in its own block (no PendingBN handed between blocks)."""
     if not inplace:
         model = copy.deepcopy(model)
-    conv = _Converter(backend)
+    conv = _Converter(backend, cross_layer)
     new = conv.convert(model, "")
     if conv.report.skipped:
         warnings.warn("convmixer_kernels.convert left these modules unfused:\n"

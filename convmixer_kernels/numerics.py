@@ -133,3 +133,57 @@ def compare_block(kind, x, p, training, act, momentum=0.1, eps=1e-5, patch=1, st
             nf, nr = runs["fused"]["num_batches_tracked"].item(), runs["ref"]["num_batches_tracked"].item()
             checks.append(Check(f"step {step} num_batches_tracked", abs(nf - nr), 0.0, 0.0))
     return checks
+
+
+def compare_cross_layer(x, p_pw, p_dw, training, act, momentum=0.1, eps=1e-5, steps=1, backend="auto") -> list:
+    """The cross-layer fused pair: a pointwise conv-act-BN whose BN apply is folded into the next
+    depthwise block (conv_act_bn(defer_bn=True) -> dw_block), run three ways like compare_block,
+    against the unfused pair in the same dtype and in float64. Checks the output, dx, every parameter
+    gradient of both blocks and both blocks' running statistics, per step."""
+    dtype, device = x.dtype, x.device
+    fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    runs = {"fused": (_clone_params(p_pw, device), _clone_params(p_dw, device)),
+            "same": (_clone_params(p_pw, device), _clone_params(p_dw, device)),
+            "ref": (_clone_params(p_pw, "cpu", torch.float64, torch.float64),
+                    _clone_params(p_dw, "cpu", torch.float64, torch.float64))}
+    checks = []
+    for step in range(steps):
+        xs = x if step == 0 else torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=fmt)
+        outs, grads, dy = {}, {}, None
+        for name, (qp, qd) in runs.items():
+            xi = xs.detach().clone()
+            xi = (xi.cpu().double() if name == "ref" else xi).contiguous(memory_format=fmt).requires_grad_(True)
+            common = dict(training=training, momentum=momentum, eps=eps, act=act)
+            args_p = [qp[k] for k in ("weight", "bias", "gamma", "beta", "running_mean", "running_var",
+                                      "num_batches_tracked")]
+            args_d = [qd[k] for k in ("weight", "bias", "gamma", "beta", "running_mean", "running_var",
+                                      "num_batches_tracked")]
+            if name == "fused":
+                z = conv_act_bn(xi, *args_p, **common, backend=backend, defer_bn=True)
+                y = dw_block(z, *args_d, **common, backend=backend)
+            else:
+                y = dw_block_reference(conv_act_bn_reference(xi, *args_p, **common), *args_d, **common)
+            if dy is None:
+                count = y.shape[0] * y.shape[2] * y.shape[3]
+                dy = torch.randn(y.shape, dtype=torch.float64) / count ** 0.5
+            y.backward(dy.to(device=xi.device, dtype=y.dtype).contiguous(memory_format=fmt))
+            outs[name] = y.detach().cpu()
+            grads[name] = {"x": xi.grad.cpu()}
+            for block, q in (("pw", qp), ("dw", qd)):
+                grads[name].update({f"{block}.{k}": q[k].grad.cpu() for k in GRAD_NAMES if q[k] is not None})
+                for k in GRAD_NAMES:
+                    if q[k] is not None:
+                        q[k].grad = None
+        checks.append(rule(f"step {step} y", outs["fused"], outs["same"], outs["ref"], dtype))
+        for g in grads["ref"]:
+            checks.append(rule(f"step {step} d{g}", grads["fused"][g], grads["same"][g], grads["ref"][g], dtype))
+        for i, block in enumerate(("pw", "dw")):
+            if runs["ref"][i]["running_mean"] is None:
+                continue
+            for b in ("running_mean", "running_var"):
+                checks.append(rule(f"step {step} {block}.{b}", runs["fused"][i][b].cpu(), runs["same"][i][b].cpu(),
+                                   runs["ref"][i][b], dtype))
+            nf = runs["fused"][i]["num_batches_tracked"].item()
+            nr = runs["ref"][i]["num_batches_tracked"].item()
+            checks.append(Check(f"step {step} {block}.num_batches_tracked", abs(nf - nr), 0.0, 0.0))
+    return checks

@@ -35,3 +35,9 @@ def randomize_bn(model):
                     m.weight.normal_(1, 0.2)
                     m.bias.normal_(0, 0.2)
     return model
+
+
+def run_cross_layer(x, p_pw, p_dw, training, act, **kw):
+    from convmixer_kernels.numerics import compare_cross_layer
+    failures = [str(c) for c in compare_cross_layer(x, p_pw, p_dw, training, act, **kw) if not c.ok]
+    assert not failures, "\n".join(failures)

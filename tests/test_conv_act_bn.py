@@ -87,21 +87,25 @@ def _op_args(batch_stats, layout, patch):
 @pytest.mark.parametrize("batch_stats", (True, False))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("patch,save_t", ((1, True), (2, False)))
-def test_opcheck_forward(batch_stats, layout, patch, save_t):
+@pytest.mark.parametrize("apply_bn", (True, False))
+def test_opcheck_forward(batch_stats, layout, patch, save_t, apply_bn):
     x, w, b, g, be, mean, rstd = _op_args(batch_stats, layout, patch)
     for t in (x, w, b, g, be):
         t.requires_grad_(True)
     torch.library.opcheck(op("conv_act_bn_forward"),
-                          (x, w, b, g, be, mean, rstd, batch_stats, 1e-5, "gelu", patch, save_t, "cpu"))
+                          (x, w, b, g, be, mean, rstd, batch_stats, 1e-5, "gelu", patch, save_t, apply_bn, "cpu"))
 
 
 @pytest.mark.parametrize("batch_stats", (True, False))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("patch,save_t", ((1, True), (2, False)))
-def test_opcheck_backward(batch_stats, layout, patch, save_t):
+@pytest.mark.parametrize("apply_bn", (True, False))
+def test_opcheck_backward(batch_stats, layout, patch, save_t, apply_bn):
     x, w, b, g, be, mean, rstd = _op_args(False, layout, patch)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dy = torch.randn(2, 4, 6 // patch, 6 // patch).contiguous(memory_format=fmt)
     t = torch.randn_like(dy) if save_t else torch.empty(0)
+    dmean, drstd = (torch.randn(4), torch.randn(4)) if not apply_bn else (torch.empty(0), torch.empty(0))
     torch.library.opcheck(op("conv_act_bn_backward"),
-                          (dy, x, w, b, g, mean, rstd, t, batch_stats, "gelu_tanh", patch, "cpu"))
+                          (dy, x, w, b, g, mean, rstd, t, dmean, drstd, batch_stats, "gelu_tanh", patch, apply_bn,
+                           "cpu"))

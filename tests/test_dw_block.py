@@ -86,18 +86,30 @@ def _op_args(batch_stats, layout, dtype=torch.float32):
     return x, w, b, g, be, mean, rstd
 
 
+def _input_affine(affine, C=4):
+    """(in_scale, in_shift): the folded BN of a previous pointwise block, or empty (none)."""
+    if not affine:
+        return torch.empty(0), torch.empty(0)
+    return torch.rand(C) + 0.5, torch.randn(C)
+
+
 @pytest.mark.parametrize("batch_stats", (True, False))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_forward(batch_stats, layout):
+@pytest.mark.parametrize("affine", (False, True))
+def test_opcheck_forward(batch_stats, layout, affine):
     x, w, b, g, be, mean, rstd = _op_args(batch_stats, layout)
-    for t in (x, w, b, g, be):
+    sc, sh = _input_affine(affine)
+    for t in (x, w, b, g, be) + ((sc, sh) if affine else ()):
         t.requires_grad_(True)
-    torch.library.opcheck(op("dw_block_forward"), (x, w, b, g, be, mean, rstd, batch_stats, 1e-5, "gelu", "cpu"))
+    torch.library.opcheck(op("dw_block_forward"),
+                          (x, sc, sh, w, b, g, be, mean, rstd, batch_stats, 1e-5, "gelu", "cpu"))
 
 
 @pytest.mark.parametrize("batch_stats", (True, False))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_backward(batch_stats, layout):
+@pytest.mark.parametrize("affine", (False, True))
+def test_opcheck_backward(batch_stats, layout, affine):
     x, w, b, g, be, mean, rstd = _op_args(False, layout)
+    sc, sh = _input_affine(affine)
     dy = torch.randn_like(x)
-    torch.library.opcheck(op("dw_block_backward"), (dy, x, w, b, g, mean, rstd, batch_stats, "relu", "cpu"))
+    torch.library.opcheck(op("dw_block_backward"), (dy, x, sc, sh, w, b, g, mean, rstd, batch_stats, "relu", "cpu"))

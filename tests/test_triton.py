@@ -182,7 +182,7 @@ def test_conv_act_bn_large_mean_statistics_are_stable(patch):
     w = torch.randn(4, 3, patch, patch, device=DEVICE) / 3
     b = torch.full((4,), 300.0, device=DEVICE)
     g, be, e = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE), torch.empty(0, device=DEVICE)
-    _, _, mean, rstd, var = tb.conv_act_bn_forward(x, w, b, g, be, e, e, True, 1e-5, 2, patch, False)
+    _, _, mean, rstd, var = tb.conv_act_bn_forward(x, w, b, g, be, e, e, True, 1e-5, 2, patch, False, True)
     t64 = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride=patch)
     torch.testing.assert_close(mean.double(), t64.mean((0, 2, 3)), rtol=1e-6, atol=0)
     torch.testing.assert_close(var.double(), t64.var((0, 2, 3), unbiased=False), rtol=2e-3, atol=0)
@@ -205,19 +205,23 @@ def test_launcher_outputs_match_cpu_contract(layout):
     x = make_x((2, 4, 5, 5), torch.float32, layout).cpu()
     w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
     g, be, mean, rstd = torch.randn(4), torch.randn(4), torch.randn(4), torch.rand(4) + 0.5
-    for batch_stats in (True, False):
-        outs = [tb.dw_block_forward(x, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0),
-                _C.dw_block_forward_cpu(x, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0)]
-        bw = [tb.dw_block_backward(x, x, w, b, g, mean, rstd, batch_stats, 0),
-              _C.dw_block_backward_cpu(x, x, w, b, g, mean, rstd, batch_stats, 0)]
+    e = torch.empty(0)
+    sc, sh = torch.rand(4) + 0.5, torch.randn(4)
+    for batch_stats, (isc, ish), apply_bn in ((True, (e, e), True), (False, (e, e), True),
+                                              (True, (sc, sh), False), (False, (sc, sh), False)):
+        outs = [tb.dw_block_forward(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0),
+                _C.dw_block_forward_cpu(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0)]
+        bw = [tb.dw_block_backward(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, 0),
+              _C.dw_block_backward_cpu(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, 0)]
         wp = torch.randn(6, 4, 1, 1)
         bp = torch.randn(6)
         g6, be6, m6, r6 = torch.randn(6), torch.randn(6), torch.randn(6), torch.rand(6) + 0.5
-        cab = [tb.conv_act_bn_forward(x, wp, bp, g6, be6, m6, r6, batch_stats, 1e-5, 2, 1, True),
-               _C.conv_act_bn_forward_cpu(x, wp, bp, g6, be6, m6, r6, batch_stats, 1e-5, 2, 1, True)]
+        cab = [tb.conv_act_bn_forward(x, wp, bp, g6, be6, m6, r6, batch_stats, 1e-5, 2, 1, True, apply_bn),
+               _C.conv_act_bn_forward_cpu(x, wp, bp, g6, be6, m6, r6, batch_stats, 1e-5, 2, 1, True, apply_bn)]
         dy = torch.randn_like(cab[1][0])
-        cabw = [tb.conv_act_bn_backward(dy, x, wp, bp, g6, m6, r6, cab[0][1], batch_stats, 2, 1),
-                _C.conv_act_bn_backward_cpu(dy, x, wp, bp, g6, m6, r6, cab[1][1], batch_stats, 2, 1)]
+        dm, dr = (e, e) if apply_bn else (torch.randn(6), torch.randn(6))
+        cabw = [tb.conv_act_bn_backward(dy, x, wp, bp, g6, m6, r6, cab[0][1], dm, dr, batch_stats, 2, 1, apply_bn),
+                _C.conv_act_bn_backward_cpu(dy, x, wp, bp, g6, m6, r6, cab[1][1], dm, dr, batch_stats, 2, 1, apply_bn)]
         for a, c in (outs, bw, cab, cabw):
             assert len(a) == len(c)
             for ta, tc in zip(a, c):

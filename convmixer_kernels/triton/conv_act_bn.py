@@ -4,7 +4,8 @@
   Z  = the input as an (M x Kd) patch matrix, M = N*Ho*Wo, Kd = Cin*p*p, Ho = H//p, Wo = W//p (floored):
        Z[(n,ho,wo), (ci,pi,pj)] = x[n, ci, ho*p+pi, wo*p+pj]   (gathered on the fly: implicit GEMM)
   T  = Z @ W^T,  t = T + b (rounded to the input dtype, as PyTorch's conv output is),  g = act(t)
-  y  = gamma*(g - mean)*rstd + beta
+  y  = gamma*(g - mean)*rstd + beta,  or y = g when apply_bn is false (the next depthwise block
+       applies the BN on its load: cross-layer fusion)
 
 Rows of a GEMM tile are BLOCK_M consecutive output pixels of one image, so every tensor is addressed
 through its strides (NCHW and channels_last share the kernels). Output layout: channels_last when the
@@ -14,11 +15,14 @@ Passes:
   eval forward     : _cab_gemm_kernel MODE_APPLY: GEMM + bias + act + affine -> y (and t when saved).
   training forward : _cab_gemm_kernel MODE_STATS: GEMM + bias + act -> t and per-row-tile Chan/Welford
                      partials; common._bn_stats_finalize_kernel merges them; _cab_apply_kernel
-                     y = A*act(t) + B.
+                     y = A*act(t) + B. With apply_bn false the GEMM epilogue also writes y = g and the
+                     apply pass is skipped (one pass instead of two).
   backward         : t saved, or recomputed by _cab_gemm_kernel MODE_T; [training]
                      _cab_backward_reduce (sum dy, sum dy*ghat partials); _cab_backward_dt_kernel
                      (dT = gamma*rstd*(dy - c1 - ghat*c2)*act'(t) as an (M x Cout) matrix in the input
-                     dtype, db partials, and in eval the dy sums); _cab_dweight_kernel dW = dT^T Z
+                     dtype, db partials, and in eval the dy sums; with apply_bn false dy is dL/dg and
+                     the coefficients come from the gradients of the batch mean/rstd instead, so the
+                     reduction pass is skipped); _cab_dweight_kernel dW = dT^T Z
                      (split over M, partials summed by common._sum_rows_kernel); _cab_dinput_kernel
                      dZ = dT W scattered into dx. All GEMMs are tl.dot (fp32 with input_precision="ieee");
                      fp64 inputs use an fp64 broadcast-multiply-sum instead of tl.dot.
@@ -98,12 +102,14 @@ def _mma(a, b, acc, USE_DOT: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def _cab_gemm_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr, t_ptr, part_ptr,
                      N, Cin, H, W, Ho, Wo, Cout, Kd, sxn, sxc, sxh, sxw, son, soc, soh, sow,
-                     P: tl.constexpr, MODE: tl.constexpr, STORE_T: tl.constexpr, ACT: tl.constexpr,
-                     ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                     P: tl.constexpr, MODE: tl.constexpr, STORE_T: tl.constexpr, APPLY_BN: tl.constexpr,
+                     ACT: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # t = Z @ W^T + b over a BLOCK_M (pixels of one image) x BLOCK_N (output channels) tile, then
-    #   MODE_APPLY: y = A*act(t) + B (A = gamma*rstd, B = beta - mean*A), t stored when STORE_T
-    #   MODE_STATS: t stored; part[:, tile, co] = (count, mean, M2) of act(t) over the tile's rows
+    #   MODE_APPLY: y = A*act(t) + B (A = gamma*rstd, B = beta - mean*A; A = 1, B = 0 without APPLY_BN),
+    #               t stored when STORE_T
+    #   MODE_STATS: t stored; part[:, tile, co] = (count, mean, M2) of act(t) over the tile's rows;
+    #               without APPLY_BN also y = act(t) (no apply pass follows)
     #   MODE_T    : t stored
     L = Ho * Wo
     pid_m = tl.program_id(0)
@@ -126,11 +132,14 @@ def _cab_gemm_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_pt
     if STORE_T:
         tl.store(t_ptr + out_offs, t.to(t_ptr.dtype.element_ty), mask=ok)
     if MODE == 0:
-        scale = (tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(ACC)
-                 * tl.load(rstd_ptr + co, mask=co_ok, other=0.0).to(ACC))
-        shift = tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(ACC) - \
-            tl.load(mean_ptr + co, mask=co_ok, other=0.0).to(ACC) * scale
-        y = act_forward(t, ACT) * scale[None, :] + shift[None, :]
+        if APPLY_BN:
+            scale = (tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(ACC)
+                     * tl.load(rstd_ptr + co, mask=co_ok, other=0.0).to(ACC))
+            shift = tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(ACC) - \
+                tl.load(mean_ptr + co, mask=co_ok, other=0.0).to(ACC) * scale
+            y = act_forward(t, ACT) * scale[None, :] + shift[None, :]
+        else:
+            y = act_forward(t, ACT)
         tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=ok)
     if MODE == 1:
         count = tl.sum(m_ok.to(ACC), axis=0)
@@ -140,6 +149,8 @@ def _cab_gemm_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_pt
         tl.store(part_ptr + offs, tl.zeros([BLOCK_N], dtype=ACC) + count, mask=co_ok)
         tl.store(part_ptr + plane + offs, mean_b, mask=co_ok)
         tl.store(part_ptr + 2 * plane + offs, m2_b, mask=co_ok)
+        if not APPLY_BN:
+            tl.store(y_ptr + out_offs, act_forward(t, ACT).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=_EW_CONFIGS, key=_KEY)
@@ -164,14 +175,16 @@ def _cab_apply_kernel(t_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr, N, 
 
 @triton.autotune(configs=_EW_CONFIGS, key=_KEY + ["FORM_DT"])
 @triton.jit
-def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dT_ptr,
-                            part_ptr, N, Cin, Ho, Wo, Cout, P, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
-                            FORM_DT: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,
-                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dmean_ptr, drstd_ptr,
+                            dT_ptr, part_ptr, N, Cin, Ho, Wo, Cout, P, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
+                            FORM_DT: tl.constexpr, TRAINING: tl.constexpr, APPLY_BN: tl.constexpr,
+                            ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Over this program's row tiles (grid: splits x channel blocks), with ghat = (act(t) - mean)*rstd:
     #   part[0|1, s, co] = sum dy | sum dy*ghat          (unless FORM_DT and TRAINING: already reduced)
-    #   FORM_DT: dT[m, co] = gamma*rstd*(dy - c1 - ghat*c2)*act'(t), an (M x Cout) row-major matrix,
-    #            c1 = dbeta/M, c2 = dgamma/M in training (0 in eval); part[2, s, co] = sum dT.
+    #   FORM_DT: dT[m, co] = a*(dy - c1 - ghat*c2)*act'(t), an (M x Cout) row-major matrix; part[2, s, co] = sum dT.
+    #     APPLY_BN (dy = dL/dy):  a = gamma*rstd, c1 = dbeta/M, c2 = dgamma/M in training (0 in eval);
+    #     otherwise (dy = dL/dg, y = g; the mean and rstd outputs have gradients dmean, drstd):
+    #       dg_total = dy + dmean/M - drstd*rstd^2*ghat/M, i.e. a = 1, c1 = -dmean/M, c2 = drstd*rstd^2/M.
     L = Ho * Wo
     M = N * L
     pid_s = tl.program_id(0)
@@ -184,10 +197,16 @@ def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_
     co_ok = co < Cout
     mu = tl.load(mean_ptr + co, mask=co_ok, other=0.0).to(ACC)
     rs = tl.load(rstd_ptr + co, mask=co_ok, other=0.0).to(ACC)
-    a = tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(ACC) * rs
-    if FORM_DT and TRAINING:
+    if APPLY_BN:
+        a = tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(ACC) * rs
+    else:
+        a = tl.full([BLOCK_N], 1.0, ACC)
+    if FORM_DT and TRAINING and APPLY_BN:
         c1 = tl.load(dbeta_ptr + co, mask=co_ok, other=0.0).to(ACC) / M
         c2 = tl.load(dgamma_ptr + co, mask=co_ok, other=0.0).to(ACC) / M
+    elif FORM_DT and TRAINING:
+        c1 = -tl.load(dmean_ptr + co, mask=co_ok, other=0.0).to(ACC) / M
+        c2 = tl.load(drstd_ptr + co, mask=co_ok, other=0.0).to(ACC) * rs * rs / M
     else:
         c1 = tl.zeros([BLOCK_N], dtype=ACC)
         c2 = tl.zeros([BLOCK_N], dtype=ACC)
@@ -305,7 +324,7 @@ def _geom(x, weight, patch):
     return N, Cin, H, W, H // patch, W // patch, weight.shape[0], Cin * patch * patch
 
 
-def _gemm(x, w2, bias, gamma, beta, mean, rstd, y, t, parts, mode, act, patch, store_t):
+def _gemm(x, w2, bias, gamma, beta, mean, rstd, y, t, parts, mode, act, patch, store_t, apply_bn=True):
     N, Cin, H, W, Ho, Wo, Cout, Kd = _geom(x, w2, patch)
     out = y if y is not None else t
     assert t is None or t.stride() == out.stride()
@@ -313,14 +332,14 @@ def _gemm(x, w2, bias, gamma, beta, mean, rstd, y, t, parts, mode, act, patch, s
     _cab_gemm_kernel[lambda m: (N * triton.cdiv(Ho * Wo, GEMM_BLOCK_M), triton.cdiv(Cout, m["BLOCK_N"]))](
         x, w2, bias, gamma, beta, mean if mean is not None else gamma, rstd if rstd is not None else gamma,
         y if y is not None else dummy, t if t is not None else dummy, parts if parts is not None else dummy,
-        N, Cin, H, W, Ho, Wo, Cout, Kd, *x.stride(), *out.stride(), P=patch, MODE=mode, STORE_T=store_t, ACT=act,
-        ACC=tl_acc(x.dtype), USE_DOT=x.dtype != torch.float64, BLOCK_M=GEMM_BLOCK_M)
+        N, Cin, H, W, Ho, Wo, Cout, Kd, *x.stride(), *out.stride(), P=patch, MODE=mode, STORE_T=store_t,
+        APPLY_BN=apply_bn, ACT=act, ACC=tl_acc(x.dtype), USE_DOT=x.dtype != torch.float64, BLOCK_M=GEMM_BLOCK_M)
 
 
 def conv_act_bn_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: bool, eps: float, act: int,
-                        patch: int, save_t: bool):
+                        patch: int, save_t: bool, apply_bn: bool):
     """Returns [y, t, mean, rstd, var]; t = conv(x) + b when save_t (else empty); the batch statistics
-    (biased var) when batch_stats (else empty)."""
+    (biased var) when batch_stats (else empty). y = act(t) when apply_bn is false."""
     _check("conv_act_bn_forward", x, weight, bias, gamma, beta, patch)
     N, Cin, H, W, Ho, Wo, Cout, Kd = _geom(x, weight, patch)
     acc = acc_dtype(x.dtype)
@@ -331,24 +350,31 @@ def conv_act_bn_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: b
     if not batch_stats:
         check_per_channel("conv_act_bn_forward", "mean", mean, Cout, acc, x.device)
         check_per_channel("conv_act_bn_forward", "rstd", rstd, Cout, acc, x.device)
-        _gemm(x, w2, bias, gamma, beta, mean, rstd, y, t if save_t else None, None, MODE_APPLY, act, patch, save_t)
+        _gemm(x, w2, bias, gamma, beta, mean, rstd, y, t if save_t else None, None, MODE_APPLY, act, patch, save_t,
+              apply_bn)
         return [y, t, empty, empty.clone(), empty.clone()]
     t_work = t if save_t else new_output(_output_like(x, Cout, patch))  # scratch t between the two passes
     R = N * triton.cdiv(Ho * Wo, GEMM_BLOCK_M)
     parts = new_output(torch.empty((3, R, Cout), dtype=acc, device=x.device))
-    _gemm(x, w2, bias, gamma, beta, None, None, None, t_work, parts, MODE_STATS, act, patch, True)
+    _gemm(x, w2, bias, gamma, beta, None, None, None if apply_bn else y, t_work, parts, MODE_STATS, act, patch, True,
+          apply_bn)
     mean = new_output(torch.empty(Cout, dtype=gamma.dtype, device=x.device))
     rstd = new_output(torch.empty_like(mean))
     var = new_output(torch.empty_like(mean))
     finalize_stats(parts, eps, mean, var, rstd)
+    if not apply_bn:  # y = act(t) was written by the GEMM epilogue
+        return [y, t, mean, rstd, var]
     assert t_work.stride() == y.stride()
     _cab_apply_kernel[lambda m: (N * triton.cdiv(Ho * Wo, m["BLOCK_M"]), triton.cdiv(Cout, m["BLOCK_N"]))](
         t_work, gamma, beta, mean, rstd, y, N, Cin, Ho, Wo, Cout, patch, *y.stride(), ACT=act, ACC=tl_acc(x.dtype))
     return [y, t, mean, rstd, var]
 
 
-def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, batch_stats: bool, act: int, patch: int):
-    """Returns [dx, dweight, dbias, dgamma, dbeta]; an empty t is recomputed from x (MODE_T GEMM)."""
+def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd, batch_stats: bool, act: int,
+                         patch: int, apply_bn: bool):
+    """Returns [dx, dweight, dbias, dgamma, dbeta]; an empty t is recomputed from x (MODE_T GEMM).
+    apply_bn false: dy is dL/d act(t), dmean/drstd (empty: zero) the gradients of the batch mean and
+    rstd; dgamma = dbeta = 0."""
     _check("conv_act_bn_backward", x, weight, bias, gamma, gamma, patch)
     N, Cin, H, W, Ho, Wo, Cout, Kd = _geom(x, weight, patch)
     if tuple(dy.shape) != (N, Cout, Ho, Wo) or dy.dtype != x.dtype:
@@ -359,6 +385,13 @@ def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, batch_stats:
     USE_DOT = x.dtype != torch.float64
     check_per_channel("conv_act_bn_backward", "mean", mean, Cout, acc, x.device)
     check_per_channel("conv_act_bn_backward", "rstd", rstd, Cout, acc, x.device)
+    if not apply_bn:
+        dmean = dmean if dmean.numel() else torch.zeros_like(mean)
+        drstd = drstd if drstd.numel() else torch.zeros_like(rstd)
+        check_per_channel("conv_act_bn_backward", "dmean", dmean, Cout, acc, x.device)
+        check_per_channel("conv_act_bn_backward", "drstd", drstd, Cout, acc, x.device)
+    else:
+        dmean = drstd = mean  # never read
     fmt = memory_format_of(x)
     dy = dy.contiguous(memory_format=fmt)
     w2 = weight.reshape(Cout, Kd).contiguous()
@@ -376,10 +409,14 @@ def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, batch_stats:
 
     def dt_pass(form_dt):
         _cab_backward_dt_kernel[lambda m: (S, triton.cdiv(Cout, m["BLOCK_N"]))](
-            dy, t, gamma, mean, rstd, dbeta, dgamma, dT, parts, N, Cin, Ho, Wo, Cout, patch, *dy.stride(),
-            *t.stride(), FORM_DT=form_dt, TRAINING=batch_stats, ACT=act, ACC=ACC)
+            dy, t, gamma, mean, rstd, dbeta, dgamma, dmean, drstd, dT, parts, N, Cin, Ho, Wo, Cout, patch,
+            *dy.stride(), *t.stride(), FORM_DT=form_dt, TRAINING=batch_stats, APPLY_BN=apply_bn, ACT=act, ACC=ACC)
 
-    if batch_stats:
+    if not apply_bn:  # no reduction pass: the coefficients come from dmean/drstd; gamma and beta unused
+        dt_pass(True)
+        dgamma.zero_()
+        dbeta.zero_()
+    elif batch_stats:
         dt_pass(False)
         sum_rows(parts[0], dbeta)   # dbeta = sum dy
         sum_rows(parts[1], dgamma)  # dgamma = sum dy*ghat

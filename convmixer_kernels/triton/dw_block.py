@@ -1,4 +1,6 @@
-"""Fused depthwise block in Triton:  y = x + gamma * (act(dwconv_k(x) + b) - mean) * rstd + beta.
+"""Fused depthwise block in Triton:  y = u + gamma * (act(dwconv_k(u) + b) - mean) * rstd + beta,
+with u = x, or u = in_scale[c]*x + in_shift[c] when the previous pointwise block's BN apply is folded
+into this block's loads (AFFINE; zero padding is of u, so out-of-image taps stay 0).
 
 Tiling: a program (or one loop iteration of a reduction program) owns a "tile" = BLOCK_P consecutive
 pixels (h*W + w) of one image n x BLOCK_C channels. All addressing goes through the tensors' strides,
@@ -13,7 +15,8 @@ Passes:
                      common._bn_stats_finalize_kernel (merge -> mean/var/rstd), then the apply kernel.
   backward         : [training] _dw_backward_reduce_kernel (partial sum(dy), sum(dy*ghat), t recomputed)
                      -> sums; _dw_backward_dt_kernel (dt into an fp32 scratch, partial dw/db, and in eval
-                     also the dy sums); _dw_backward_dx_kernel (dx = dy + conv_transpose(dt));
+                     also the dy sums); _dw_backward_dx_kernel (du = dy + conv_transpose(dt); dx = du,
+                     or in_scale*du with partial sums of du*x and du for the input affine's gradients);
                      common._sum_rows_kernel reduces every partial buffer in a fixed order.
 Reductions run on a (splits x channel blocks) grid; each program loops over a contiguous range of
 tiles, so partial buffers are [splits, C] regardless of the tile size (which autotuning may change).
@@ -50,9 +53,29 @@ def _tile_coords(tile, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, pi
 
 
 @triton.jit
-def _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
-                  K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # t[p, c] = b[c] + sum_{i,j} w[c,0,i,j] * x[n, c, h+i-pl, w+j-pl]   (zero padding, pl = (k-1)//2)
+def _input_affine(scale_ptr, shift_ptr, c, c_ok, AFFINE: tl.constexpr, ACC: tl.constexpr):
+    # per-channel (scale, shift) of u = scale*x + shift; (1, 0) without an input affine
+    if AFFINE:
+        return (tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC),
+                tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC))
+    else:
+        return tl.full(c.shape, 1.0, ACC), tl.zeros(c.shape, ACC)
+
+
+@triton.jit
+def _load_u(ptrs, mask, scale, shift, AFFINE: tl.constexpr, ACC: tl.constexpr):
+    # u = scale*x + shift on in-bounds elements, 0 elsewhere (the zero padding is of u)
+    xv = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    if AFFINE:
+        xv = tl.where(mask, xv * scale[None, :] + shift[None, :], 0.0)
+    return xv
+
+
+@triton.jit
+def _dw_conv_tile(x_ptr, scale, shift, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
+                  K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    # t[p, c] = b[c] + sum_{i,j} w[c,0,i,j] * u[n, c, h+i-pl, w+j-pl]   (zero padding, pl = (k-1)//2)
     PL: tl.constexpr = (K - 1) // 2
     base = x_ptr + n * sxn + c[None, :] * sxc
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
@@ -62,9 +85,9 @@ def _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, s
         for j in tl.static_range(K):
             wj = w + (j - PL)
             ok = row_ok & (wj >= 0) & (wj < W)
-            xv = tl.load(base + (hi * sxh + wj * sxw)[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            xv = _load_u(base + (hi * sxh + wj * sxw)[:, None], ok[:, None] & c_ok[None, :], scale, shift, AFFINE, ACC)
             wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0)
-            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+            acc += xv * wv.to(ACC)[None, :]
     return acc
 
 
@@ -72,27 +95,29 @@ def _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, s
 
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
-def _dw_forward_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr,
-                             N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-                             K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+def _dw_forward_apply_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr,
+                             rstd_ptr, y_ptr, N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                             K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # y = x + A[c]*act(t) + B[c],  A = gamma*rstd, B = beta - mean*A   (eval, and training's apply pass)
+    # y = u + A[c]*act(t) + B[c],  A = gamma*rstd, B = beta - mean*A   (eval, and training's apply pass)
     n, hw, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-    t = _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, ACC, BLOCK_P, BLOCK_C)
+    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
+    t = _dw_conv_tile(x_ptr, isc, ish, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, AFFINE, ACC,
+                      BLOCK_P, BLOCK_C)
     g = act_forward(t, ACT)
     scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     shift = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
     ok = p_ok[:, None] & c_ok[None, :]
-    xv = tl.load(x_ptr + n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None], mask=ok, other=0.0).to(ACC)
+    xv = _load_u(x_ptr + n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None], ok, isc, ish, AFFINE, ACC)
     y = xv + g * scale[None, :] + shift[None, :]
     tl.store(y_ptr + n * syn + c[None, :] * syc + (h * syh + w * syw)[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
-def _dw_forward_stats_kernel(x_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W, sxn, sxc, sxh, sxw,
-                             K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W,
+                             sxn, sxc, sxh, sxw, K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
+                             ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # part[:, s, c] = (count, mean, M2) of g = act(t) over this program's tiles: per tile exact moments,
     # merged tile by tile with Chan's rule (never E[g^2] - E[g]^2).
     pid_s = tl.program_id(0)
@@ -102,13 +127,14 @@ def _dw_forward_stats_kernel(x_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W, sxn, sxc
     start = pid_s * per
     end = tl.minimum(start + per, total)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     n_acc = tl.zeros([BLOCK_C], dtype=ACC)
     mean_acc = tl.zeros([BLOCK_C], dtype=ACC)
     m2_acc = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
         n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-        t = _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, ACC, BLOCK_P,
-                          BLOCK_C)
+        t = _dw_conv_tile(x_ptr, isc, ish, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, AFFINE,
+                          ACC, BLOCK_P, BLOCK_C)
         g = act_forward(t, ACT)
         count = tl.sum(p_ok.to(ACC), axis=0)
         mean_b, m2_b = tile_moments(g, p_ok[:, None], count)
@@ -124,10 +150,12 @@ def _dw_forward_stats_kernel(x_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W, sxn, sxc
 # --- backward ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
-               K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # (t, ghat = (act(t) - mean) * rstd) with t recomputed from x
-    t = _dw_conv_tile(x_ptr, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, ACC, BLOCK_P, BLOCK_C)
+def _ghat_tile(x_ptr, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
+               K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    # (t, ghat = (act(t) - mean) * rstd) with t recomputed from u
+    t = _dw_conv_tile(x_ptr, isc, ish, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, AFFINE, ACC,
+                      BLOCK_P, BLOCK_C)
     mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
     rs = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     return t, (act_forward(t, ACT) - mu[None, :]) * rs[None, :]
@@ -135,9 +163,9 @@ def _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
-def _dw_backward_reduce_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
+def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
                                N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
-                               K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                               K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles (t recomputed)
     pid_s = tl.program_id(0)
@@ -147,12 +175,13 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, 
     start = pid_s * per
     end = tl.minimum(start + per, total)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
         n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-        t, ghat = _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
-                             sxn, sxc, sxh, sxw, K, ACT, ACC, BLOCK_P, BLOCK_C)
+        t, ghat = _ghat_tile(x_ptr, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
+                             sxn, sxc, sxh, sxw, K, ACT, AFFINE, ACC, BLOCK_P, BLOCK_C)
         ok = p_ok[:, None] & c_ok[None, :]
         dy = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
         sum_dy += tl.sum(dy, axis=0)
@@ -165,15 +194,16 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
-def _dw_backward_dt_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dt_ptr,
-                           part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H, W,
+def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rstd_ptr,
+                           dbeta_ptr, dgamma_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H, W,
                            sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
-                           K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, TRAINING: tl.constexpr,
+                           K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
+                           TRAINING: tl.constexpr,
                            KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # dt = gamma*rstd*(dy - c1 - ghat*c2) * act'(t)   (training: c1 = dbeta/M = sum(dy)/M,
     #                                                  c2 = dgamma/M = sum(dy*ghat)/M; eval: c1 = c2 = 0)
     # dt is stored (fp32/fp64 scratch, x's layout) for the dx pass; per program partials:
-    #   part_dw[s, c, i*k+j] = sum dt[n,c,h,w] * x[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
+    #   part_dw[s, c, i*k+j] = sum dt[n,c,h,w] * u[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
     #   eval only: part_dy[0|1, s, c] = sum dy | sum dy*ghat (dbeta, dgamma; training had its own pass).
     PL: tl.constexpr = (K - 1) // 2
     pid_s = tl.program_id(0)
@@ -184,6 +214,7 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rst
     end = tl.minimum(start + per, total)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
     a = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     if TRAINING:
         c1 = tl.load(dbeta_ptr + c, mask=c_ok, other=0.0).to(ACC) / M
@@ -198,8 +229,8 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rst
     sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
         n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-        t, ghat = _ghat_tile(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
-                             sxn, sxc, sxh, sxw, K, ACT, ACC, BLOCK_P, BLOCK_C)
+        t, ghat = _ghat_tile(x_ptr, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
+                             sxn, sxc, sxh, sxw, K, ACT, AFFINE, ACC, BLOCK_P, BLOCK_C)
         ok = p_ok[:, None] & c_ok[None, :]
         dy = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
         dt = a[None, :] * (dy - c1[None, :] - ghat * c2[None, :]) * act_backward(t, ACT)
@@ -216,8 +247,8 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rst
             for j in tl.static_range(K):
                 wj = w + (j - PL)
                 m = row_ok & (wj >= 0) & (wj < W)
-                xv = tl.load(base + (hi * sxh + wj * sxw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
-                contrib = tl.sum(dt * xv.to(ACC), axis=0)
+                xv = _load_u(base + (hi * sxh + wj * sxw)[:, None], m[:, None] & c_ok[None, :], isc, ish, AFFINE, ACC)
+                contrib = tl.sum(dt * xv, axis=0)
                 dw_acc += tl.where(taps[:, None] == i * K + j, contrib[None, :], 0.0)
     c_ok = c < C
     s64 = pid_s.to(tl.int64)
@@ -231,31 +262,55 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rst
 
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
-def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, dx_ptr, N, C, H, W,
+def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_scale_ptr, dx_ptr, part_ptr, N, C, H, W,
                            sdn, sdc, sdh, sdw, stn, stc, sth, stw, sxn, sxc, sxh, sxw,
-                           K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dx[n,c,h,w] = dy[n,c,h,w] + sum_{i,j} w[c,0,i,j] * dt[n,c,h-i+pl,w-j+pl]   (residual + conv_transpose)
+                           K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    # du[n,c,h,w] = dy[n,c,h,w] + sum_{i,j} w[c,0,i,j] * dt[n,c,h-i+pl,w-j+pl]   (residual + conv_transpose)
+    # dx = du, or with the input affine u = scale*x + shift: dx = scale*du and per program partials
+    #   part[0, s, c] = sum du*x (d scale),  part[1, s, c] = sum du (d shift)
     PL: tl.constexpr = (K - 1) // 2
-    n, hw, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-    ok = p_ok[:, None] & c_ok[None, :]
-    acc = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
-    base = dt_ptr + n * stn + c[None, :] * stc
-    for i in tl.static_range(K):
-        hi = h - (i - PL)
-        row_ok = p_ok & (hi >= 0) & (hi < H)
-        for j in tl.static_range(K):
-            wj = w - (j - PL)
-            m = row_ok & (wj >= 0) & (wj < W)
-            dtv = tl.load(base + (hi * sth + wj * stw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0).to(ACC)
-            acc += dtv.to(ACC) * wv[None, :]
-    tl.store(dx_ptr + n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None], acc.to(dx_ptr.dtype.element_ty),
-             mask=ok)
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    total = N * tl.cdiv(H * W, BLOCK_P)
+    per = tl.cdiv(total, splits)
+    start = pid_s * per
+    end = tl.minimum(start + per, total)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    isc, _unused = _input_affine(in_scale_ptr, in_scale_ptr, c, c < C, AFFINE, ACC)
+    sum_dux = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_du = tl.zeros([BLOCK_C], dtype=ACC)
+    for tile in range(start, end):
+        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+        ok = p_ok[:, None] & c_ok[None, :]
+        acc = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
+        base = dt_ptr + n * stn + c[None, :] * stc
+        for i in tl.static_range(K):
+            hi = h - (i - PL)
+            row_ok = p_ok & (hi >= 0) & (hi < H)
+            for j in tl.static_range(K):
+                wj = w - (j - PL)
+                m = row_ok & (wj >= 0) & (wj < W)
+                dtv = tl.load(base + (hi * sth + wj * stw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0).to(ACC)
+                acc += dtv.to(ACC) * wv[None, :]
+        x_offs = n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None]
+        if AFFINE:
+            xv = tl.load(x_ptr + x_offs, mask=ok, other=0.0).to(ACC)
+            sum_dux += tl.sum(tl.where(ok, acc * xv, 0.0), axis=0)
+            sum_du += tl.sum(tl.where(ok, acc, 0.0), axis=0)
+            acc = acc * isc[None, :]
+        tl.store(dx_ptr + x_offs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+    if AFFINE:
+        c_ok = c < C
+        offs = pid_s.to(tl.int64) * C + c
+        tl.store(part_ptr + offs, sum_dux, mask=c_ok)
+        tl.store(part_ptr + splits.to(tl.int64) * C + offs, sum_du, mask=c_ok)
 
 
 # --- launchers --------------------------------------------------------------------------------------
 
-def _check(op, x, weight, bias, gamma, beta, mean, rstd, batch_stats):
+def _check(op, x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats):
     check_activation(op, x)
     C = x.shape[1]
     if weight.dim() != 4 or tuple(weight.shape[:2]) != (C, 1) or weight.shape[2] != weight.shape[3]:
@@ -267,6 +322,12 @@ def _check(op, x, weight, bias, gamma, beta, mean, rstd, batch_stats):
     acc = acc_dtype(x.dtype)
     for name, t in (("gamma", gamma), ("beta", beta)) + ((("mean", mean), ("rstd", rstd)) if not batch_stats else ()):
         check_per_channel(op, name, t, C, acc, x.device)
+    if in_scale.numel() != in_shift.numel():
+        raise RuntimeError(f"{op}: in_scale and in_shift must both be empty or both have {C} elements, got "
+                           f"{tuple(in_scale.shape)} and {tuple(in_shift.shape)}")
+    if in_scale.numel():
+        check_per_channel(op, "in_scale", in_scale, C, acc, x.device)
+        check_per_channel(op, "in_shift", in_shift, C, acc, x.device)
     if C * x.shape[2] * x.shape[3] >= 2 ** 31:
         raise RuntimeError(f"{op}: one image of {C}x{x.shape[2]}x{x.shape[3]} elements exceeds the kernels' "
                            f"int32 per-image offsets")
@@ -279,13 +340,18 @@ def _splits(x: torch.Tensor, C: int) -> int:
     return max(1, min(tiles, triton.cdiv(num_programs_hint(x.device), c_blocks)))
 
 
-def dw_block_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: bool, eps: float, act: int):
-    """Returns [y, mean, rstd, var]: the batch statistics (biased var) when batch_stats, else empty."""
-    _check("dw_block_forward", x, weight, bias, gamma, beta, mean, rstd, batch_stats)
+def dw_block_forward(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats: bool, eps: float,
+                     act: int):
+    """Returns [y, mean, rstd, var]: the batch statistics (biased var) when batch_stats, else empty.
+    The block's input is u = in_scale*x + in_shift per channel, or x when both are empty."""
+    _check("dw_block_forward", x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats)
     N, C, H, W = x.shape
     K = weight.shape[2]
     weight = weight.contiguous()
     acc = acc_dtype(x.dtype)
+    affine = in_scale.numel() > 0
+    if not affine:
+        in_scale = in_shift = gamma  # never read (AFFINE=False)
     y = new_output(torch.empty_like(x))
     empty = torch.empty(0, dtype=gamma.dtype, device=x.device)
     geom = (N, C, H, W) + tuple(x.stride())
@@ -293,22 +359,24 @@ def dw_block_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: bool
         S = _splits(x, C)
         parts = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
         _dw_forward_stats_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-            x, weight, bias, parts, *geom, K=K, ACT=act, ACC=tl_acc(x.dtype))
+            x, in_scale, in_shift, weight, bias, parts, *geom, K=K, ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
         mean = new_output(torch.empty(C, dtype=gamma.dtype, device=x.device))
         rstd = new_output(torch.empty_like(mean))
         var = new_output(torch.empty_like(mean))
         finalize_stats(parts, eps, mean, var, rstd)
     _dw_forward_apply_kernel[lambda m: (N * triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
-        x, weight, bias, gamma, beta, mean, rstd, y, *geom, *y.stride(), K=K, ACT=act, ACC=tl_acc(x.dtype))
+        x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, y, *geom, *y.stride(), K=K, ACT=act,
+        AFFINE=affine, ACC=tl_acc(x.dtype))
     if not batch_stats:
         return [y, empty, empty, empty.clone()]
     return [y, mean, rstd, var]
 
 
-def dw_block_backward(dy, x, weight, bias, gamma, mean, rstd, batch_stats: bool, act: int):
-    """Returns [dx, dweight, dbias, dgamma, dbeta] (dweight/dbias in the weight dtype, dgamma/dbeta in
-    gamma's). The dt scratch between the dt and dx passes is kept in the accumulation dtype."""
-    _check("dw_block_backward", x, weight, bias, gamma, gamma, mean, rstd, False)
+def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats: bool, act: int):
+    """Returns [dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift] (dweight/dbias in the weight
+    dtype, the rest in gamma's; the last two empty without an input affine). The dt scratch between
+    the dt and dx passes is kept in the accumulation dtype."""
+    _check("dw_block_backward", x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
     if dy.shape != x.shape or dy.dtype != x.dtype:
         raise RuntimeError(f"dw_block_backward: grad_output {dy.dtype} {tuple(dy.shape)} does not match x "
                            f"{x.dtype} {tuple(x.shape)}")
@@ -318,6 +386,11 @@ def dw_block_backward(dy, x, weight, bias, gamma, mean, rstd, batch_stats: bool,
     dy = dy.contiguous(memory_format=memory_format_of(x))
     acc = acc_dtype(x.dtype)
     ACC = tl_acc(x.dtype)
+    affine = in_scale.numel() > 0
+    dscale = new_output(torch.empty_like(in_scale))
+    dshift = new_output(torch.empty_like(in_shift))
+    if not affine:
+        in_scale = in_shift = gamma  # never read (AFFINE=False)
     dx = new_output(torch.empty_like(x))
     dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
     dbias = new_output(torch.empty_like(bias))
@@ -329,20 +402,26 @@ def dw_block_backward(dy, x, weight, bias, gamma, mean, rstd, batch_stats: bool,
     part_dy = new_output(torch.empty((2, S, C), dtype=acc, device=x.device))
     if batch_stats:
         _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-            dy, x, weight, bias, mean, rstd, part_dy, *geom, *dy.stride(), K=K, ACT=act, ACC=ACC)
+            dy, x, in_scale, in_shift, weight, bias, mean, rstd, part_dy, *geom, *dy.stride(), K=K, ACT=act,
+            AFFINE=affine, ACC=ACC)
         sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
         sum_rows(part_dy[1], dgamma)  # dgamma = sum dy*ghat
     part_dw = new_output(torch.empty((S, C, K * K), dtype=acc, device=x.device))
     part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
     _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, x, weight, bias, gamma, mean, rstd, dbeta, dgamma, dt, part_dw, part_db, part_dy, N * H * W, *geom,
-        *dy.stride(), *dt.stride(), K=K, ACT=act, ACC=ACC, TRAINING=batch_stats,
+        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, dbeta, dgamma, dt, part_dw, part_db, part_dy,
+        N * H * W, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
         KK_PAD=triton.next_power_of_2(K * K))
     if not batch_stats:
         sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
         sum_rows(part_dy[1], dgamma)  # dgamma = sum dy*ghat
-    _dw_backward_dx_kernel[lambda m: (N * triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
-        dy, dt, weight, dx, N, C, H, W, *dy.stride(), *dt.stride(), *dx.stride(), K=K, ACC=ACC)
+    part_aff = new_output(torch.empty((2, S, C), dtype=acc, device=x.device)) if affine else dt
+    _dw_backward_dx_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
+        dy, dt, weight, x, in_scale, dx, part_aff, N, C, H, W, *dy.stride(), *dt.stride(), *dx.stride(), K=K,
+        AFFINE=affine, ACC=ACC)
     sum_rows(part_dw, dweight)
     sum_rows(part_db, dbias)
-    return [dx, dweight, dbias, dgamma, dbeta]
+    if affine:
+        sum_rows(part_aff[0], dscale)  # d in_scale = sum du*x
+        sum_rows(part_aff[1], dshift)  # d in_shift = sum du
+    return [dx, dweight, dbias, dgamma, dbeta, dscale, dshift]
