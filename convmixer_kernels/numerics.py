@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._library import PendingBN
 from .conv_act_bn import conv_act_bn
 from .dw_block import dw_block
 from .reference import conv_act_bn_reference, dw_block_reference
@@ -132,4 +133,59 @@ def compare_block(kind, x, p, training, act, momentum=0.1, eps=1e-5, patch=1, st
                                    runs["ref"][b], dtype))
             nf, nr = runs["fused"]["num_batches_tracked"].item(), runs["ref"]["num_batches_tracked"].item()
             checks.append(Check(f"step {step} num_batches_tracked", abs(nf - nr), 0.0, 0.0))
+    return checks
+
+
+def _bn_block_args(q):
+    return (q["weight"], q["bias"], q["gamma"], q["beta"], q["running_mean"], q["running_var"],
+            q["num_batches_tracked"])
+
+
+def compare_cross_layer(x, p_pw, p_dw, training, act, momentum=0.1, eps=1e-5, backend="auto") -> list:
+    """Cross-layer fusion (DESIGN.md section 3): a pointwise block whose BN apply is folded into the next
+    depthwise block's load, dw_block(conv_act_bn(x, defer_bn=True)), run with `backend`, against the
+    unfused composite of the reference blocks in x's dtype and in float64. One training or eval step;
+    returns a Check for the output, the gradients of x and of both blocks' parameters, and both blocks'
+    running statistics. p_pw: conv-act-BN params (cin -> C, patch 1); p_dw: depthwise params (C)."""
+    dtype, device = x.dtype, x.device
+    fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    runs = {"fused": {"pw": _clone_params(p_pw, device), "dw": _clone_params(p_dw, device)},
+            "same": {"pw": _clone_params(p_pw, device), "dw": _clone_params(p_dw, device)},
+            "ref": {"pw": _clone_params(p_pw, "cpu", torch.float64, torch.float64),
+                    "dw": _clone_params(p_dw, "cpu", torch.float64, torch.float64)}}
+    common = dict(training=training, momentum=momentum, eps=eps, act=act)
+    checks, outs, grads, dy = [], {}, {}, None
+    for name, q in runs.items():
+        xi = x.detach().clone()
+        xi = (xi.cpu().double() if name == "ref" else xi).contiguous(memory_format=fmt).requires_grad_(True)
+        if name == "fused":
+            z = conv_act_bn(xi, *_bn_block_args(q["pw"]), backend=backend, defer_bn=True, **common)
+            if not isinstance(z, PendingBN):
+                checks.append(Check(f"conv_act_bn(defer_bn=True) returned {type(z).__name__}, not PendingBN",
+                                    float("nan"), 0.0, 0.0))
+            y = dw_block(z, *_bn_block_args(q["dw"]), backend=backend, **common)
+        else:
+            y = dw_block_reference(conv_act_bn_reference(xi, *_bn_block_args(q["pw"]), **common),
+                                   *_bn_block_args(q["dw"]), **common)
+        if dy is None:
+            count = y.shape[0] * y.shape[2] * y.shape[3]
+            dy = torch.randn(y.shape, dtype=torch.float64) / count ** 0.5
+        y.backward(dy.to(device=xi.device, dtype=y.dtype).contiguous(memory_format=fmt))
+        outs[name] = y.detach().cpu()
+        grads[name] = {"x": xi.grad.cpu(), **{f"{blk} {k}": q[blk][k].grad.cpu() for blk in ("pw", "dw")
+                                               for k in GRAD_NAMES if q[blk][k] is not None}}
+        if name == "fused" and not y.is_contiguous(memory_format=fmt):
+            checks.append(Check("y memory format", float("nan"), 0.0, 0.0))
+    checks.append(rule("y", outs["fused"], outs["same"], outs["ref"], dtype))
+    for g in grads["ref"]:
+        checks.append(rule(f"d({g})", grads["fused"][g], grads["same"][g], grads["ref"][g], dtype))
+    for blk in ("pw", "dw"):
+        if runs["ref"][blk]["running_mean"] is None:
+            continue
+        for b in ("running_mean", "running_var"):
+            checks.append(rule(f"{blk} {b}", runs["fused"][blk][b].cpu(), runs["same"][blk][b].cpu(),
+                               runs["ref"][blk][b], dtype))
+        nf = runs["fused"][blk]["num_batches_tracked"].item()
+        nr = runs["ref"][blk]["num_batches_tracked"].item()
+        checks.append(Check(f"{blk} num_batches_tracked", abs(nf - nr), 0.0, 0.0))
     return checks
