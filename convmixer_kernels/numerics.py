@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._library import PendingBN
 from .conv_act_bn import conv_act_bn
 from .dw_block import dw_block
 from .reference import conv_act_bn_reference, dw_block_reference
@@ -160,7 +161,12 @@ def compare_cross_layer(x, p_pw, p_dw, training, act, momentum=0.1, eps=1e-5, st
                                       "num_batches_tracked")]
             if name == "fused":
                 z = conv_act_bn(xi, *args_p, **common, backend=backend, defer_bn=True)
+                if not isinstance(z, PendingBN):
+                    checks.append(Check(f"conv_act_bn(defer_bn=True) returned {type(z).__name__}, not PendingBN",
+                                        float("nan"), 0.0, 0.0))
                 y = dw_block(z, *args_d, **common, backend=backend)
+                if not y.is_contiguous(memory_format=fmt):
+                    checks.append(Check(f"step {step} y memory format", float("nan"), 0.0, 0.0))
             else:
                 y = dw_block_reference(conv_act_bn_reference(xi, *args_p, **common), *args_d, **common)
             if dy is None:

@@ -1,5 +1,6 @@
 """Test-side wrapper of convmixer_kernels.numerics: the same harness, asserting every check."""
-from convmixer_kernels.numerics import ATOL, Check, compare_block, make_block_params, max_err, rule  # noqa: F401
+from convmixer_kernels.numerics import (ATOL, Check, compare_block, compare_cross_layer,  # noqa: F401
+                                        make_block_params, max_err, rule)
 
 
 def check_rule(name, fused, same, ref64, dtype):
@@ -9,6 +10,11 @@ def check_rule(name, fused, same, ref64, dtype):
 
 def run_block(kind, x, p, training, act, **kw):
     failures = [str(c) for c in compare_block(kind, x, p, training, act, **kw) if not c.ok]
+    assert not failures, "\n".join(failures)
+
+
+def run_cross_layer(x, p_pw, p_dw, training, act, **kw):
+    failures = [str(c) for c in compare_cross_layer(x, p_pw, p_dw, training, act, **kw) if not c.ok]
     assert not failures, "\n".join(failures)
 
 
@@ -35,9 +41,3 @@ def randomize_bn(model):
                     m.weight.normal_(1, 0.2)
                     m.bias.normal_(0, 0.2)
     return model
-
-
-def run_cross_layer(x, p_pw, p_dw, training, act, **kw):
-    from convmixer_kernels.numerics import compare_cross_layer
-    failures = [str(c) for c in compare_cross_layer(x, p_pw, p_dw, training, act, **kw) if not c.ok]
-    assert not failures, "\n".join(failures)

@@ -6,7 +6,8 @@ import torch
 
 import convmixer_kernels
 from convmixer_kernels import backends
-from numerics import make_block_params, run_block
+from convmixer_kernels._library import op
+from numerics import make_block_params, run_block, run_cross_layer
 
 _available, _reason = backends.available_backends()["cuda"]
 if not _available:
@@ -50,6 +51,35 @@ def test_conv_act_bn(dtype, layout, training, patch, save_t):
     cin = 3 if patch > 1 else 48
     run_block("pw", make_x((4, cin, 28, 28), dtype, layout), params("pw", 96, cin=cin, patch=patch, dtype=dtype),
               training, "gelu", patch=patch, save_t=save_t, backend="cuda", steps=2)
+
+
+# Cross-layer fusion: dw_block(conv_act_bn(x, defer_bn=True)) against the unfused reference composite
+# (output, every gradient of both blocks, both running stats), as in tests/test_cuda_emu.py.
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+def test_cross_layer_pw_into_dw(dtype, layout, training):
+    run_cross_layer(make_x((4, 48, 19, 19), dtype, layout), params("pw", 64, cin=48, dtype=dtype),
+                    params("dw", 64, k=9, dtype=dtype), training, "gelu", backend="cuda")
+
+
+@pytest.mark.parametrize("k,act", ((3, "relu"), (4, "gelu_tanh")))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+def test_cross_layer_odd_shapes(k, act, layout, training):
+    run_cross_layer(make_x((2, 4, 6, 7), torch.float32, layout), params("pw", 5, cin=4), params("dw", 5, k=k),
+                    training, act, backend="cuda")
+
+
+def test_input_affine_of_the_wrong_size_is_a_clear_error():
+    C, empty = 5, torch.empty(0, device="cuda")
+    x, w, b = torch.randn(2, C, 6, 7).cuda(), torch.randn(C, 1, 3, 3).cuda(), torch.randn(C).cuda()
+    g, be = torch.ones(C).cuda(), torch.zeros(C).cuda()
+    sc, sh = torch.ones(C - 1).cuda(), torch.zeros(C - 1).cuda()
+    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda")
+    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, "gelu", "cuda")
 
 
 def test_convmixer_end_to_end_matches_cpu_backend():

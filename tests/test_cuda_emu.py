@@ -17,7 +17,8 @@ import torch
 
 import convmixer_kernels
 from convmixer_kernels import backends
-from numerics import make_block_params, run_block
+from convmixer_kernels._library import op
+from numerics import make_block_params, run_block, run_cross_layer
 
 _available, _reason = backends.available_backends()["cuda_emu"]
 if not _available:
@@ -132,6 +133,43 @@ def test_float64_is_rejected_with_a_clear_error():
     w, b = torch.randn(3, 1, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64 runs on the cpu backend"):
         convmixer_kernels.dw_block(x, w, b, None, None, training=True, backend="cuda_emu")
+
+
+# --- cross-layer fusion: the pointwise BN apply folded into the next depthwise block's load ----------
+# dw_block(conv_act_bn(x, defer_bn=True)) against the unfused composite of the reference blocks. The CUDA
+# kernels take no float64, so the comparison is the DESIGN.md section 4 rule in the kernels' dtype:
+# output, the gradients of x and of both blocks' weights, biases, gammas and betas, both running stats.
+
+@pytest.mark.parametrize("C,k,act,dtype", (
+    (5, 3, "gelu", torch.float32),        # C = 5, 6 x 7: channel-group, split and tile remainders
+    (5, 4, "relu", torch.float32),        # even k: asymmetric same padding
+    (8, 5, "gelu_tanh", torch.float32),   # channels_last C = 8: the 16-byte pack path of the apply kernel
+    (16, 3, "gelu", torch.bfloat16),      # dx = in_scale*du rounded once to bf16; 16-byte packs of 8
+))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+def test_cross_layer_pw_into_dw(C, k, act, dtype, layout, training):
+    run_cross_layer(make_x((2, 4, 6, 7), dtype, layout), make_block_params("pw", C, cin=4, dtype=dtype),
+                    make_block_params("dw", C, k=k, dtype=dtype), training, act, backend="cuda_emu")
+
+
+def _dw_op_args(C, in_scale, in_shift):
+    x, w, b = torch.randn(2, C, 6, 7), torch.randn(C, 1, 3, 3), torch.randn(C)
+    return x, in_scale, in_shift, w, b, torch.ones(C), torch.zeros(C)
+
+
+def test_input_affine_of_the_wrong_size_is_a_clear_error():
+    empty = torch.empty(0)
+    # 4 scale/shift values for 5 channels
+    x, sc, sh, w, b, g, be = _dw_op_args(5, torch.ones(4), torch.zeros(4))
+    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
+    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, "gelu", "cuda_emu")
+    # a scale without a shift
+    x, sc, sh, w, b, g, be = _dw_op_args(5, torch.ones(5), empty)
+    with pytest.raises(RuntimeError, match="in_scale and in_shift must both be empty or both have 5 elements"):
+        op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
 
 
 # --- end to end -------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 //                               act(t), block merge by warp shuffles, per-split partials;
 //                               welford_finalize_kernel -> batch mean, var, rstd.
 //   cab_apply_kernel            y = gamma*(act(t) - mean)*rstd + beta (eval: t = T + b), t saved in the
-//                               input dtype when asked.
-//   cab_backward_reduce_kernel  backward pass 1: sum dy, sum dy*ghat per channel.
+//                               input dtype when asked; y = act(t) when the BN apply is deferred to the
+//                               next depthwise block's load (apply_bn false).
+//   cab_backward_reduce_kernel  backward pass 1: sum dy, sum dy*ghat per channel (BN applied here only).
 //   cab_backward_dt_kernel      backward pass 2: dT = dg * act'(t) in the input dtype, sum dT per channel.
 // t is read from the saved tensor, or recomputed as T_acc + b rounded to the input dtype (as saved).
 #include "cuda_common.cuh"
@@ -47,18 +48,20 @@ __global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const
 }
 
 // Elementwise over the dense output (element e has channel (e / sC) % C for either layout).
+// y = A*act(t) + B with A = gamma*rstd, B = beta - mean*A; A = 1, B = 0 (y = act(t)) when !apply_bn.
 template <typename T, int ACT>
 __global__ void cab_apply_kernel(Layout L, const float* __restrict__ Tm, const T* __restrict__ b_or_null,
                                  const float* __restrict__ gamma, const float* __restrict__ beta,
-                                 const float* __restrict__ mean, const float* __restrict__ rstd,
+                                 const float* __restrict__ mean, const float* __restrict__ rstd, bool apply_bn,
                                  T* __restrict__ t_out, T* __restrict__ y, int64_t numel) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
     const int64_t c = (e / L.sC) % L.C;
     const float t = Tm[e] + (b_or_null != nullptr ? to_acc(b_or_null[c]) : 0.f);
     if (t_out != nullptr) t_out[e] = from_acc<T>(t);
-    const float a = gamma[c] * rstd[c];
-    y[e] = from_acc<T>(a * act_forward<ACT>(t) + (beta[c] - mean[c] * a));
+    const float a = apply_bn ? gamma[c] * rstd[c] : 1.f;
+    const float shift = apply_bn ? beta[c] - mean[c] * a : 0.f;
+    y[e] = from_acc<T>(a * act_forward<ACT>(t) + shift);
   }
 }
 
@@ -88,26 +91,47 @@ __global__ void cab_backward_reduce_kernel(Layout L, const T* __restrict__ dy, c
   }
 }
 
+// Per-channel coefficients of dt = a*(dy - c1 - ghat*c2)*act'(t), M = N*Ho*Wo:
+//   BN applied here (dy = dL/dy): a = gamma*rstd; training c1 = sum(dy)/M, c2 = sum(dy*ghat)/M (sums).
+//   BN deferred (dy = dL/dg, g = act(t)): a = 1; training c1 = -dmean/M, c2 = drstd*rstd^2/M, i.e.
+//   dg = dy + dmean/M - drstd*rstd^2*ghat/M with dmean, drstd the gradients of the batch mean and rstd
+//   (null: zero).  Eval: c1 = c2 = 0.
+struct DtCoefficients {
+  float a, c1, c2;
+};
+CMK_DEV DtCoefficients dt_coefficients(int64_t c, float inv_m, bool batch_stats, bool apply_bn,
+                                       const float* __restrict__ gamma, const float* __restrict__ rstd,
+                                       const float* __restrict__ sums, const float* __restrict__ dmean,
+                                       const float* __restrict__ drstd) {
+  const float rs = rstd[c];
+  if (apply_bn)
+    return {gamma[c] * rs, batch_stats ? sums[c * 2] * inv_m : 0.f, batch_stats ? sums[c * 2 + 1] * inv_m : 0.f};
+  return {1.f, batch_stats && dmean != nullptr ? -dmean[c] * inv_m : 0.f,
+          batch_stats && drstd != nullptr ? drstd[c] * rs * rs * inv_m : 0.f};
+}
+
+// dt = a*(dy - c1 - ghat*c2)*act'(t) (coefficients above), written as dT; per-split partials of sum dt.
 template <typename T, int ACT>
 __global__ void cab_backward_dt_kernel(Layout L, const T* __restrict__ dy, const T* __restrict__ t_saved,
                                        const float* __restrict__ T_acc, const T* __restrict__ b,
                                        const float* __restrict__ gamma, const float* __restrict__ mean,
                                        const float* __restrict__ rstd, const float* __restrict__ sums,
-                                       bool batch_stats, int cpb, int64_t chunk, T* __restrict__ dT,
+                                       const float* __restrict__ dmean, const float* __restrict__ drstd,
+                                       bool batch_stats, bool apply_bn, int cpb, int64_t chunk, T* __restrict__ dT,
                                        float* __restrict__ ws) {
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
   float s[1] = {0.f};
   if (c < L.C) {
-    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c], a = gamma[c] * rs;
-    const float inv_m = 1.f / static_cast<float>(M);
-    const float c1 = batch_stats ? sums[c * 2] * inv_m : 0.f, c2 = batch_stats ? sums[c * 2 + 1] * inv_m : 0.f;
+    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    const DtCoefficients co =
+        dt_coefficients(c, 1.f / static_cast<float>(M), batch_stats, apply_bn, gamma, rstd, sums, dmean, drstd);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
       const float t = load_t(t_saved, T_acc, bc, e);
       const float ghat = (act_forward<ACT>(t) - mu) * rs;
-      const float dt = a * (to_acc(dy[e]) - c1 - ghat * c2) * act_backward<ACT>(t);
+      const float dt = co.a * (to_acc(dy[e]) - co.c1 - ghat * co.c2) * act_backward<ACT>(t);
       dT[e] = from_acc<T>(dt);
       s[0] += dt;
     }
@@ -124,7 +148,7 @@ int64_t conv_act_bn_workspace_floats(const Problem& p, const LaunchShape& s) {
 
 void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* Tm, const void* b, const float* gamma,
                                 const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
-                                void* y, void* t_out, float* ws, void* stream) {
+                                bool apply_bn, void* y, void* t_out, float* ws, void* stream) {
   const Layout L = make_layout(p);
   dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
@@ -144,15 +168,15 @@ void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* T
     auto kern = &cab_apply_kernel<T, A>;
     CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, static_cast<const float*>(Tm),
                batch_stats ? nullptr : bp, gamma, beta, static_cast<const float*>(mean),
-               static_cast<const float*>(rstd), static_cast<T*>(t_out), static_cast<T*>(y), numel);
+               static_cast<const float*>(rstd), apply_bn, static_cast<T*>(t_out), static_cast<T*>(y), numel);
     CMK_CHECK_LAUNCH("cab_apply_kernel");
   });
 }
 
 void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
                                  const float* T_acc, const void* b, const float* gamma, const float* mean,
-                                 const float* rstd, bool batch_stats, void* dT, float* sums, float* sum_dt, float* ws,
-                                 void* stream) {
+                                 const float* rstd, const float* dmean, const float* drstd, bool batch_stats,
+                                 bool apply_bn, void* dT, float* sums, float* sum_dt, float* ws, void* stream) {
   const Layout L = make_layout(p);
   dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
@@ -162,13 +186,16 @@ void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const v
     const T* bp = static_cast<const T*>(b);
     const SplitPlan sp = plan_splits(p, s);
     const dim3 grid(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits));
-    auto reduce = &cab_backward_reduce_kernel<T, A>;
-    CMK_LAUNCH(reduce, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, mean, rstd, sp.cpb, sp.chunk, ws);
-    CMK_CHECK_LAUNCH("cab_backward_reduce_kernel");
-    launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+    if (apply_bn) {  // dbeta, dgamma and the training terms of dg; a deferred BN has neither
+      auto reduce = &cab_backward_reduce_kernel<T, A>;
+      CMK_LAUNCH(reduce, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, mean, rstd, sp.cpb, sp.chunk, ws);
+      CMK_CHECK_LAUNCH("cab_backward_reduce_kernel");
+      launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+    }
     auto dt = &cab_backward_dt_kernel<T, A>;
     CMK_LAUNCH(dt, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, gamma, mean, rstd,
-               static_cast<const float*>(sums), batch_stats, sp.cpb, sp.chunk, static_cast<T*>(dT), ws);
+               static_cast<const float*>(sums), dmean, drstd, batch_stats, apply_bn, sp.cpb, sp.chunk,
+               static_cast<T*>(dT), ws);
     CMK_CHECK_LAUNCH("cab_backward_dt_kernel");
     launch_sum_splits(ws, sp.splits, p.C, sum_dt, stream);
   });

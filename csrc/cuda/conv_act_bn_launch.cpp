@@ -30,7 +30,6 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& rstd, bool batch_stats, double eps, int64_t act,
                                             int64_t patch, bool save_t, bool apply_bn) {
   const char* op = "conv_act_bn_forward";
-  TORCH_CHECK(apply_bn, op, ": apply_bn=false is not implemented yet");
   check_cab(op, x, weight, bias, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   check_per_channel_f32(op, "beta", beta, g.Cout);
@@ -53,7 +52,8 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   conv_act_bn_forward_launch(p, s, T.data_ptr<float>(), bias.const_data_ptr(), gamma.const_data_ptr<float>(),
                              beta.const_data_ptr<float>(), mean_out.data_ptr<float>(), rstd_out.data_ptr<float>(),
                              batch_stats ? var_out.data_ptr<float>() : nullptr, batch_stats, static_cast<float>(eps),
-                             y.data_ptr(), save_t ? t.data_ptr() : nullptr, ws.data_ptr<float>(), current_stream(x));
+                             apply_bn, y.data_ptr(), save_t ? t.data_ptr() : nullptr, ws.data_ptr<float>(),
+                             current_stream(x));
   if (!batch_stats) return {y, t, at::empty({0}, f32), at::empty({0}, f32), var_out};
   return {y, t, mean_out, rstd_out, var_out};
 }
@@ -64,11 +64,14 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                              const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
                                              int64_t act, int64_t patch, bool apply_bn) {
   const char* op = "conv_act_bn_backward";
-  TORCH_CHECK(apply_bn, op, ": apply_bn=false is not implemented yet");
   check_cab(op, x, weight, bias, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   check_per_channel_f32(op, "mean", mean, g.Cout);
   check_per_channel_f32(op, "rstd", rstd, g.Cout);
+  // Gradients of the batch mean and rstd (a deferred BN only; empty: zero).
+  const bool have_dmean = !apply_bn && dmean.numel() > 0, have_drstd = !apply_bn && drstd.numel() > 0;
+  if (have_dmean) check_per_channel_f32(op, "dmean", dmean, g.Cout);
+  if (have_drstd) check_per_channel_f32(op, "drstd", drstd, g.Cout);
   check_on_device(op, "grad_output", dy_in);
   TORCH_CHECK(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.Ho &&
                   dy_in.size(3) == g.Wo,
@@ -95,15 +98,17 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     T_acc = gemm_forward(g, Z.to(at::kFloat), W2.to(at::kFloat));
   }
   const auto f32 = gamma.options();
-  at::Tensor sums = cpu::poisoned(at::empty({g.Cout, 2}, f32));  // (sum dy, sum dy*ghat)
+  at::Tensor sums = cpu::poisoned(at::empty({g.Cout, 2}, f32));  // (sum dy, sum dy*ghat), with apply_bn
   at::Tensor sum_dt = cpu::poisoned(at::empty({g.Cout}, f32));
   at::Tensor dT = cpu::poisoned(at::empty_like(dy, dy.options(), fmt));
   at::Tensor ws = workspace(x, conv_act_bn_workspace_floats(p, s));
   conv_act_bn_backward_launch(p, s, dy.const_data_ptr(), have_t ? t.const_data_ptr() : nullptr,
                               have_t ? nullptr : T_acc.const_data_ptr<float>(), bias.const_data_ptr(),
                               gamma.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-                              rstd.const_data_ptr<float>(), batch_stats, dT.data_ptr(), sums.data_ptr<float>(),
-                              sum_dt.data_ptr<float>(), ws.data_ptr<float>(), current_stream(x));
+                              rstd.const_data_ptr<float>(), have_dmean ? dmean.const_data_ptr<float>() : nullptr,
+                              have_drstd ? drstd.const_data_ptr<float>() : nullptr, batch_stats, apply_bn,
+                              dT.data_ptr(), sums.data_ptr<float>(), sum_dt.data_ptr<float>(), ws.data_ptr<float>(),
+                              current_stream(x));
   // GEMMs of the backward: dW = dT^T Z, dZ = dT W.
   at::Tensor dW2, dZ;
   if (g.cl) {
@@ -117,8 +122,10 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
   }
   const at::Tensor dx = fold_patches(g, dZ, x);
-  return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()),
-          sums.select(1, 1).contiguous(), sums.select(1, 0).contiguous()};
+  // A deferred BN did not use gamma and beta here: their gradients are 0.
+  const at::Tensor dgamma = apply_bn ? sums.select(1, 1).contiguous() : at::zeros({g.Cout}, f32);
+  const at::Tensor dbeta = apply_bn ? sums.select(1, 0).contiguous() : at::zeros({g.Cout}, f32);
+  return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()), dgamma, dbeta};
 }
 
 }  // namespace CMK_KNS

@@ -1,18 +1,22 @@
-// Fused depthwise block on the GPU:  y = x + gamma * (act(dwconv_k(x) + b) - mean) * rstd + beta.
-// DESIGN.md section 3 is the specification; the formulas come from ../common/block_math.h.
+// Fused depthwise block on the GPU:  y = u + gamma * (act(dwconv_k(u) + b) - mean) * rstd + beta, where
+// u = in_scale[c]*x + in_shift[c] (the previous pointwise block's BN apply folded into this block's
+// loads, DESIGN.md section 3) or u = x without an input affine. DESIGN.md section 3 is the
+// specification; the formulas come from ../common/block_math.h.
 //
 // Kernels (fp32 accumulation for fp32/fp16/bf16; int64 offsets; NCHW and channels_last):
-//   dw_stats_partial_kernel   training pass 1: t = conv(x) + b, g = act(t), per-thread Welford, merged
+//   dw_stats_partial_kernel   training pass 1: t = conv(u) + b, g = act(t), per-thread Welford, merged
 //                             over the block (warp xor shuffles + shared memory) into a per-split
 //                             partial (count, mean, M2); welford_finalize_kernel merges the splits
 //                             with Chan's rule -> batch mean, var, rstd.
-//   dw_apply_kernel           eval (the only pass) and training pass 2: recomputes t, y = x + A*g + B.
+//   dw_apply_kernel           eval (the only pass) and training pass 2: recomputes t, y = u + A*g + B.
 //                             channels_last with C % 8|4 == 0 moves 16-byte packs of channels.
 //   dw_backward_reduce_kernel backward pass 1: recomputes t, sums dy and dy*ghat per channel.
-//   dw_backward_tile_kernel   backward pass 2 on spatial tiles in shared memory: x tile with a double
-//                             halo -> t, dt on the tile plus a halo -> dx = dy + conv_transpose(dt);
-//                             per-(channel, tap) partials of dw and db accumulated across the tiles
-//                             a block owns; sum_splits_kernel adds the blocks' partials.
+//   dw_backward_tile_kernel   backward pass 2 on spatial tiles in shared memory: u tile with a double
+//                             halo -> t, dt on the tile plus a halo -> du = dy + conv_transpose(dt),
+//                             dx = in_scale*du; per-(channel, tap) partials of dw and db accumulated
+//                             across the tiles a block owns, and per-channel sums of du*x and du
+//                             (din_scale, din_shift); sum_splits_kernel adds the blocks' partials.
+// Every read of x goes through the input affine (in-bounds elements only: the zero padding is of u).
 // Launches go on the caller's stream and are checked. Under CMK_CUDA_EMULATION this file compiles as
 // host C++ against ../cuda_emu/cuda_emu.h (csrc/cuda_emu/dw_block_emu.cpp).
 #include "cuda_common.cuh"
@@ -23,10 +27,20 @@ namespace {
 
 constexpr int kMaxGradItems = 8;  // (channel, tap) accumulators per thread in the backward tile kernel
 
-// t = b + sum_{i,j} w[c,i,j] * x[n, c, h+i-pl, w+j-pl] read from global memory (zero padding).
+// The block's input u = scale[c]*x + shift[c], in fp32 and not rounded: the previous pointwise block's
+// BN apply, folded into this block's loads. Null pointers (no input affine): scale 1, shift 0, u = x.
+struct InputAffine {
+  const float* scale;
+  const float* shift;
+  CMK_DEV float scale_of(int64_t c) const { return scale != nullptr ? scale[c] : 1.f; }
+  CMK_DEV float shift_of(int64_t c) const { return shift != nullptr ? shift[c] : 0.f; }
+};
+
+// t = b + sum_{i,j} w[c,i,j] * u[n, c, h+i-pl, w+j-pl] with u = sc*x + sh read from global memory
+// (zero padding of u).
 template <typename T>
-CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, const T* __restrict__ w, float bias, int64_t n,
-                      int64_t c, int64_t h, int64_t wc) {
+CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, float sc, float sh, const T* __restrict__ w,
+                      float bias, int64_t n, int64_t c, int64_t h, int64_t wc) {
   const int pl = (k - 1) / 2;
   const T* wrow = w + c * k * k;
   float acc = bias;
@@ -36,7 +50,7 @@ CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, const T* 
     for (int j = 0; j < k; ++j) {
       const int64_t ww = wc + j - pl;
       if (ww < 0 || ww >= L.W) continue;
-      acc += to_acc(wrow[i * k + j]) * to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]);
+      acc += to_acc(wrow[i * k + j]) * (sc * to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]) + sh);
     }
   }
   return acc;
@@ -44,17 +58,18 @@ CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, const T* 
 
 // grid (channel groups, splits); writes ws[split][c][3] = (count, mean, M2) of act(t).
 template <typename T, int ACT>
-__global__ void dw_stats_partial_kernel(Layout L, int k, const T* __restrict__ x, const T* __restrict__ w,
-                                        const T* __restrict__ b, int cpb, int64_t chunk, float* __restrict__ ws) {
+__global__ void dw_stats_partial_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
+                                        const T* __restrict__ w, const T* __restrict__ b, int cpb, int64_t chunk,
+                                        float* __restrict__ ws) {
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
   Welford<float> acc;
   if (c < L.C) {
-    const float bc = to_acc(b[c]);
+    const float bc = to_acc(b[c]), sc = in.scale_of(c), sh = in.shift_of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
-      const float t = conv_at(L, k, x, w, bc, n, c, pix / L.W, pix % L.W);
+      const float t = conv_at(L, k, x, sc, sh, w, bc, n, c, pix / L.W, pix % L.W);
       acc.merge(1.f, act_forward<ACT>(t), 0.f);
     }
   }
@@ -68,8 +83,9 @@ __global__ void dw_stats_partial_kernel(Layout L, int k, const T* __restrict__ x
 }
 
 // Grid-stride over items: NCHW one element each; channels_last VEC consecutive channels of a pixel.
+// u = sc*x + sh on every tap and on the residual.
 template <typename T, int ACT, bool CL, int VEC>
-__global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, const T* __restrict__ w,
+__global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in, const T* __restrict__ w,
                                 const T* __restrict__ b, const float* __restrict__ gamma,
                                 const float* __restrict__ beta, const float* __restrict__ mean,
                                 const float* __restrict__ rstd, T* __restrict__ y, int64_t items) {
@@ -90,8 +106,12 @@ __global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, const 
       n = item / (L.HW * L.C);
     }
     const int64_t h = pix / L.W, wc = pix % L.W;
-    float acc[VEC];
-    for (int v = 0; v < VEC; ++v) acc[v] = to_acc(b[c0 + v]);
+    float acc[VEC], sc[VEC], sh[VEC];
+    for (int v = 0; v < VEC; ++v) {
+      acc[v] = to_acc(b[c0 + v]);
+      sc[v] = in.scale_of(c0 + v);
+      sh[v] = in.shift_of(c0 + v);
+    }
     for (int i = 0; i < k; ++i) {
       const int64_t hh = h + i - pl;
       if (hh < 0 || hh >= L.H) continue;
@@ -99,7 +119,8 @@ __global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, const 
         const int64_t ww = wc + j - pl;
         if (ww < 0 || ww >= L.W) continue;
         const P xv = *reinterpret_cast<const P*>(x + elem_offset(L, n, c0, hh * L.W + ww));
-        for (int v = 0; v < VEC; ++v) acc[v] += to_acc(w[(c0 + v) * kk + i * k + j]) * to_acc(xv.v[v]);
+        for (int v = 0; v < VEC; ++v)
+          acc[v] += to_acc(w[(c0 + v) * kk + i * k + j]) * (sc[v] * to_acc(xv.v[v]) + sh[v]);
       }
     }
     const int64_t off = elem_offset(L, n, c0, pix);
@@ -108,7 +129,8 @@ __global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, const 
     for (int v = 0; v < VEC; ++v) {
       const int64_t c = c0 + v;
       const float a = gamma[c] * rstd[c];
-      out.v[v] = from_acc<T>(to_acc(xc.v[v]) + a * act_forward<ACT>(acc[v]) + (beta[c] - mean[c] * a));
+      const float u = sc[v] * to_acc(xc.v[v]) + sh[v];
+      out.v[v] = from_acc<T>(u + a * act_forward<ACT>(acc[v]) + (beta[c] - mean[c] * a));
     }
     *reinterpret_cast<P*>(y + off) = out;
   }
@@ -117,7 +139,7 @@ __global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, const 
 // grid (channel groups, splits); ws[split][c][2] = (sum dy, sum dy*ghat).
 template <typename T, int ACT>
 __global__ void dw_backward_reduce_kernel(Layout L, int k, const T* __restrict__ dy, const T* __restrict__ x,
-                                          const T* __restrict__ w, const T* __restrict__ b,
+                                          InputAffine in, const T* __restrict__ w, const T* __restrict__ b,
                                           const float* __restrict__ mean, const float* __restrict__ rstd, int cpb,
                                           int64_t chunk, float* __restrict__ ws) {
   const int tid = threadIdx.x, lane_c = tid % cpb;
@@ -125,10 +147,10 @@ __global__ void dw_backward_reduce_kernel(Layout L, int k, const T* __restrict__
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
   float s[2] = {0.f, 0.f};
   if (c < L.C) {
-    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c], sc = in.scale_of(c), sh = in.shift_of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
-      const float t = conv_at(L, k, x, w, bc, n, c, pix / L.W, pix % L.W);
+      const float t = conv_at(L, k, x, sc, sh, w, bc, n, c, pix / L.W, pix % L.W);
       const float d = to_acc(dy[elem_offset(L, n, c, pix)]);
       s[0] += d;
       s[1] += d * ((act_forward<ACT>(t) - mu) * rs);
@@ -143,19 +165,20 @@ __global__ void dw_backward_reduce_kernel(Layout L, int k, const T* __restrict__
 }
 
 // grid (channel groups of cpb, splits of tiles_per_split spatial tiles). Dynamic shared memory:
-// x region [(th+2(k-1)) x (tw+2(k-1)) x cpb] and dt region [(th+k-1) x (tw+k-1) x cpb], fp32.
-// Writes dx and ws[split][c][k*k+1] = partial (dw taps, db).
+// u region [(th+2(k-1)) x (tw+2(k-1)) x cpb] and dt region [(th+k-1) x (tw+k-1) x cpb], fp32.
+// Writes dx and ws[split][c][dw_grad_columns(k)] = partial (dw taps, db, din_scale, din_shift); the
+// last two are sum du*x and sum du with the input affine, 0 without.
 template <typename T, int ACT>
-__global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x, const T* __restrict__ dy,
-                                        const T* __restrict__ w, const T* __restrict__ b,
+__global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
+                                        const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
                                         const float* __restrict__ gamma, const float* __restrict__ mean,
                                         const float* __restrict__ rstd, const float* __restrict__ sums,
                                         bool batch_stats, int th, int tw, int cpb, int64_t tiles_per_split,
                                         T* __restrict__ dx, float* __restrict__ ws) {
   CMK_DYNAMIC_SHARED(float, smem);
-  const int kk = k * k, pl = (k - 1) / 2, pr = k - 1 - pl;
+  const int kk = k * k, pl = (k - 1) / 2, pr = k - 1 - pl, ncols = static_cast<int>(dw_grad_columns(k));
   const int xh = th + 2 * (k - 1), xw = tw + 2 * (k - 1), dh = th + k - 1, dw = tw + k - 1;
-  float* xs = smem;                 // x at rows h0-pr-pl .. , cols w0-pr-pl ..
+  float* xs = smem;                 // u at rows h0-pr-pl .. , cols w0-pr-pl ..
   float* dts = smem + xh * xw * cpb;  // dt at rows h0-pr .. , cols w0-pr ..
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * cpb;
@@ -167,16 +190,20 @@ __global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x
   const int nitems = cpb * (kk + 1);
   float acc[kMaxGradItems];
   for (int it = 0; it < kMaxGradItems; ++it) acc[it] = 0.f;
+  // (sum du*x, sum du) of this thread's channel lane: element e of step 3 has lane e % cpb = tid % cpb,
+  // since blockDim.x is a multiple of 32 and cpb divides 32.
+  float in_sums[2] = {0.f, 0.f};
 
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t n = tile / per_image, r = tile % per_image;
     const int64_t h0 = (r / tiles_w) * th, w0 = (r % tiles_w) * tw;
-    // 1. x region (zero outside the image and past C)
+    // 1. u region, u = sc*x + sh (zero outside the image and past C)
     for (int e = tid; e < xh * xw * cpb; e += nt) {
       const int cl = e % cpb, q = e / cpb;
       const int64_t hh = h0 - pr - pl + q / xw, ww = w0 - pr - pl + q % xw, c = c0 + cl;
-      xs[e] = (hh >= 0 && hh < L.H && ww >= 0 && ww < L.W && c < L.C) ? to_acc(x[elem_offset(L, n, c, hh * L.W + ww)])
-                                                                     : 0.f;
+      xs[e] = (hh >= 0 && hh < L.H && ww >= 0 && ww < L.W && c < L.C)
+                  ? in.scale_of(c) * to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]) + in.shift_of(c)
+                  : 0.f;
     }
     __syncthreads();
     // 2. dt on the tile plus its halo (zero outside the image)
@@ -198,21 +225,26 @@ __global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x
       dts[e] = dt;
     }
     __syncthreads();
-    // 3. dx = dy + sum_{i,j} w[i,j] * dt[h-i+pl, w-j+pl]
+    // 3. du = dy + sum_{i,j} w[i,j] * dt[h-i+pl, w-j+pl];  dx = sc*du;  din_scale += du*x, din_shift += du
     for (int e = tid; e < th * tw * cpb; e += nt) {
       const int cl = e % cpb, q = e / cpb, row = q / tw, col = q % tw;
       const int64_t hh = h0 + row, ww = w0 + col, c = c0 + cl;
       if (hh < L.H && ww < L.W && c < L.C) {
         const int64_t off = elem_offset(L, n, c, hh * L.W + ww);
-        float s = to_acc(dy[off]);
+        float du = to_acc(dy[off]);
         const T* wc = w + c * kk;
         for (int i = 0; i < k; ++i)
           for (int j = 0; j < k; ++j)
-            s += to_acc(wc[i * k + j]) * dts[((row + k - 1 - i) * dw + col + k - 1 - j) * cpb + cl];
-        dx[off] = from_acc<T>(s);
+            du += to_acc(wc[i * k + j]) * dts[((row + k - 1 - i) * dw + col + k - 1 - j) * cpb + cl];
+        if (in.scale != nullptr) {
+          in_sums[0] += du * to_acc(x[off]);
+          in_sums[1] += du;
+          du *= in.scale[c];
+        }
+        dx[off] = from_acc<T>(du);
       }
     }
-    // 4. per-(channel, tap) partials: dw[c,i,j] += sum dt[h,w] * x[h+i-pl, w+j-pl];  db[c] += sum dt
+    // 4. per-(channel, tap) partials: dw[c,i,j] += sum dt[h,w] * u[h+i-pl, w+j-pl];  db[c] += sum dt
     for (int it = 0; it < kMaxGradItems; ++it) {
       const int item = tid + it * nt;
       if (item >= nitems) break;
@@ -231,12 +263,18 @@ __global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x
     }
     __syncthreads();
   }
+  float* ws_split = ws + static_cast<int64_t>(blockIdx.y) * L.C * ncols;
   for (int it = 0; it < kMaxGradItems; ++it) {
     const int item = tid + it * nt;
     if (item >= nitems) break;
     const int cl = item % cpb, slot = item / cpb;
     const int64_t c = c0 + cl;
-    if (c < L.C) ws[(static_cast<int64_t>(blockIdx.y) * L.C + c) * (kk + 1) + slot] = acc[it];
+    if (c < L.C) ws_split[c * ncols + slot] = acc[it];
+  }
+  block_channel_sums<2>(in_sums, cpb);
+  if (tid < cpb && c0 + tid < L.C) {
+    ws_split[(c0 + tid) * ncols + kk + 1] = in_sums[0];
+    ws_split[(c0 + tid) * ncols + kk + 2] = in_sums[1];
   }
 }
 
@@ -268,14 +306,16 @@ TilePlan plan_tiles(const Problem& p, int64_t k, const LaunchShape& s) {
 int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape& s) {
   const SplitPlan sp = plan_splits(p, s);
   const TilePlan tp = plan_tiles(p, k, s);
-  return std::max<int64_t>(sp.splits * p.C * 3, tp.splits * p.C * (k * k + 1));
+  return std::max<int64_t>(sp.splits * p.C * 3, tp.splits * p.C * dw_grad_columns(k));
 }
 
-void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const void* w,
-                             const void* b, const float* gamma, const float* beta, float* mean, float* rstd,
-                             float* var, bool batch_stats, float eps, void* y, float* ws, void* stream) {
+void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_scale,
+                             const float* in_shift, const void* w, const void* b, const float* gamma,
+                             const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
+                             void* y, float* ws, void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
+  const InputAffine in{in_scale, in_shift};
   dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
     constexpr int A = decltype(act)::value;
@@ -287,7 +327,7 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
       const SplitPlan sp = plan_splits(p, s);
       auto kern = &dw_stats_partial_kernel<T, A>;
       CMK_LAUNCH(kern, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
-                 stream, L, ki, xp, wp, bp, sp.cpb, sp.chunk, ws);
+                 stream, L, ki, xp, in, wp, bp, sp.cpb, sp.chunk, ws);
       CMK_CHECK_LAUNCH("dw_stats_partial_kernel");
       launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
     }
@@ -299,23 +339,28 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
         std::max<int64_t>(1, std::min<int64_t>(s.elementwise_blocks, ceil_div(items, s.threads))));
     if (vec) {
       auto kern = &dw_apply_kernel<T, A, true, V>;
-      CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, wp, bp, gamma, beta, mean, rstd, yp, items);
+      CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
+                 items);
     } else if (p.channels_last) {
       auto kern = &dw_apply_kernel<T, A, true, 1>;
-      CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, wp, bp, gamma, beta, mean, rstd, yp, items);
+      CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
+                 items);
     } else {
       auto kern = &dw_apply_kernel<T, A, false, 1>;
-      CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, wp, bp, gamma, beta, mean, rstd, yp, items);
+      CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
+                 items);
     }
     CMK_CHECK_LAUNCH("dw_apply_kernel");
   });
 }
 
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
-                              const void* w, const void* b, const float* gamma, const float* mean, const float* rstd,
-                              bool batch_stats, void* dx, float* sums, float* grads, float* ws, void* stream) {
+                              const float* in_scale, const float* in_shift, const void* w, const void* b,
+                              const float* gamma, const float* mean, const float* rstd, bool batch_stats, void* dx,
+                              float* sums, float* grads, float* ws, void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
+  const InputAffine in{in_scale, in_shift};
   dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
     constexpr int A = decltype(act)::value;
@@ -327,27 +372,28 @@ void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s,
     const SplitPlan sp = plan_splits(p, s);
     auto reduce = &dw_backward_reduce_kernel<T, A>;
     CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
-               stream, L, ki, dyp, xp, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
+               stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
     CMK_CHECK_LAUNCH("dw_backward_reduce_kernel");
     launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
-    // Pass 2: dt, dx, and the dw/db partials on shared-memory tiles.
+    // Pass 2: dt, du, dx, and the dw/db/din_scale/din_shift partials on shared-memory tiles.
     const TilePlan tp = plan_tiles(p, k, s);
     auto tile = &dw_backward_tile_kernel<T, A>;
 #if !defined(CMK_CUDA_EMULATION)
-    if (tp.smem_bytes > 48 * 1024) {
-      const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(tile),
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(tp.smem_bytes));
-      if (e != cudaSuccess)
-        throw std::runtime_error(std::string("convmixer_kernels: cudaFuncSetAttribute failed: ") +
-                                 cudaGetErrorString(e));
-    }
+    // The default 48 KiB per block covers static (block_channel_sums) plus dynamic shared memory.
+    cudaFuncAttributes fa;
+    cudaError_t e = cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(tile));
+    if (e == cudaSuccess && tp.smem_bytes + fa.sharedSizeBytes > 48 * 1024)
+      e = cudaFuncSetAttribute(reinterpret_cast<const void*>(tile), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(tp.smem_bytes));
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("convmixer_kernels: shared memory setup of dw_backward_tile_kernel "
+                                           "failed: ") + cudaGetErrorString(e));
 #endif
     CMK_LAUNCH(tile, dim3(static_cast<unsigned>(tp.groups), static_cast<unsigned>(tp.splits)), dim3(s.threads),
-               tp.smem_bytes, stream, L, ki, xp, dyp, wp, bp, gamma, mean, rstd, static_cast<const float*>(sums),
+               tp.smem_bytes, stream, L, ki, xp, in, dyp, wp, bp, gamma, mean, rstd, static_cast<const float*>(sums),
                batch_stats, tp.th, tp.tw, tp.cpb, tp.tiles_per_split, static_cast<T*>(dx), ws);
     CMK_CHECK_LAUNCH("dw_backward_tile_kernel");
-    launch_sum_splits(ws, tp.splits, p.C * (k * k + 1), grads, stream);
+    launch_sum_splits(ws, tp.splits, p.C * dw_grad_columns(k), grads, stream);
   });
 }
 

@@ -47,35 +47,44 @@ namespace CMK_KNS {
 // Floats of device workspace that dw_block_{forward,backward}_launch need.
 int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape& s);
 
-// y = x + gamma*(act(dwconv_k(x) + b) - mean)*rstd + beta. batch_stats: mean/rstd/var are outputs
-// (batch statistics, biased var); otherwise mean/rstd are inputs and var is unused.
-void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const void* w,
-                             const void* b, const float* gamma, const float* beta, float* mean, float* rstd,
-                             float* var, bool batch_stats, float eps, void* y, float* ws, void* stream);
+// Columns of the backward's per-channel gradients grads[C][.]: the k*k weight taps, db, din_scale, din_shift.
+constexpr int64_t dw_grad_columns(int64_t k) { return k * k + 3; }
 
-// dx (input dtype); sums[C][2] = (sum dy, sum dy*ghat) = (dbeta, dgamma); grads[C][k*k+1] = (dw taps, db)
-// in fp32.
+// y = u + gamma*(act(dwconv_k(u) + b) - mean)*rstd + beta with u = in_scale[c]*x + in_shift[c] (fp32,
+// C values each), or u = x when in_scale and in_shift are null. batch_stats: mean/rstd/var are outputs
+// (batch statistics, biased var); otherwise mean/rstd are inputs and var is unused.
+void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_scale,
+                             const float* in_shift, const void* w, const void* b, const float* gamma,
+                             const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
+                             void* y, float* ws, void* stream);
+
+// With du = dL/du = dy + conv_transpose(dt): dx = in_scale*du (du without an input affine; input dtype);
+// sums[C][2] = (sum dy, sum dy*ghat) = (dbeta, dgamma); grads[C][dw_grad_columns(k)] = (dw taps, db,
+// sum du*x, sum du) in fp32, the last two 0 without an input affine.
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
-                              const void* w, const void* b, const float* gamma, const float* mean, const float* rstd,
-                              bool batch_stats, void* dx, float* sums, float* grads, float* ws, void* stream);
+                              const float* in_scale, const float* in_shift, const void* w, const void* b,
+                              const float* gamma, const float* mean, const float* rstd, bool batch_stats, void* dx,
+                              float* sums, float* grads, float* ws, void* stream);
 
 // --- conv -> act -> BN epilogue of a GEMM (conv_act_bn.cu) --------------------------------------------
 // T is the GEMM output without bias, fp32, laid out like the result (Problem p with H x W = Ho x Wo).
 int64_t conv_act_bn_workspace_floats(const Problem& p, const LaunchShape& s);
 
 // Training (batch_stats): T += b in place, batch mean/var/rstd into mean/var/rstd, then the apply pass.
-// Eval: the apply pass with t = T + b. Apply: y = gamma*(act(t) - mean)*rstd + beta; t_out (input
-// dtype, may be null) = t.
+// Eval: the apply pass with t = T + b. Apply: y = gamma*(act(t) - mean)*rstd + beta, or y = act(t)
+// when !apply_bn (the next depthwise block applies the BN); t_out (input dtype, may be null) = t.
 void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* T, const void* b, const float* gamma,
                                 const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
-                                void* y, void* t_out, float* ws, void* stream);
+                                bool apply_bn, void* y, void* t_out, float* ws, void* stream);
 
-// t is either t_saved (input dtype) or T_acc + b rounded to the input dtype. Writes dT (input dtype),
-// sums[C][2] = (sum dy, sum dy*ghat) and sum_dt[C] (fp32).
+// t is either t_saved (input dtype) or T_acc + b rounded to the input dtype. Writes dT (input dtype) and
+// sum_dt[C] (fp32); with apply_bn also sums[C][2] = (sum dy, sum dy*ghat). Without apply_bn, dy is dL/dg
+// for g = act(t) and dmean/drstd (C values, or null: zero) the gradients of the batch mean and rstd;
+// sums is not touched.
 void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
                                  const float* T_acc, const void* b, const float* gamma, const float* mean,
-                                 const float* rstd, bool batch_stats, void* dT, float* sums, float* sum_dt, float* ws,
-                                 void* stream);
+                                 const float* rstd, const float* dmean, const float* drstd, bool batch_stats,
+                                 bool apply_bn, void* dT, float* sums, float* sum_dt, float* ws, void* stream);
 
 }  // namespace CMK_KNS
 }  // namespace cmk
