@@ -68,8 +68,9 @@ def _backward(ctx, dy, _dt, dmean, drstd, _dvar):
     if dy is None:  # only the statistics were used
         dy = _output_like(x, weight.shape[0], ctx.patch).zero_()
     dx, dw, db, dgamma, dbeta = op("conv_act_bn_backward")(
-        dy, x, weight, bias, gamma, mean, rstd, t, empty if dmean is None else dmean,
-        empty if drstd is None else drstd, ctx.batch_stats, ctx.act, ctx.patch, ctx.apply_bn, ctx.backend)
+        dy, x, weight, bias, gamma, mean, rstd, t, empty if dmean is None else dmean.contiguous(),
+        empty if drstd is None else drstd.contiguous(), ctx.batch_stats, ctx.act, ctx.patch, ctx.apply_bn,
+        ctx.backend)
     if not ctx.apply_bn:
         dgamma = dbeta = None
     return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None, None, None, None

@@ -18,7 +18,7 @@ i32 and divisible by 16 as at the ConvMixer shapes, and the unit stride speciali
 as Triton does at run time: the channel stride in channels_last, the column stride in NCHW):
   default plan  every autotune config of every autotuned kernel once for sm_90, cycling through the
                 dtypes (fp32, fp16, bf16), both layouts, the activations and the kernel's modes
-                (MODE / TRAINING / FORM_DT), depthwise k=3; the two reduction kernels of common.py with
+                (MODE / TRAINING / FORM_DT / APPLY_BN / AFFINE), depthwise k=3; the two reduction kernels of common.py with
                 their launcher's tile sizes; for every kernel its largest config in bf16 for sm_80;
                 and k=7 (sm_80, fp16) and k=9 (sm_90, bf16) for the eval apply kernel (see HEAVY: a
                 large k costs seconds of LLVM time per kernel). 69 compiles, ~50-70 s on 2 cores.
@@ -165,6 +165,10 @@ def _plan(full: bool):
             if "MODE" in args:
                 c["MODE"] = i % 3
                 c["STORE_T"] = c["MODE"] != 0 or i % 2 == 1
+            if "APPLY_BN" in args:  # the cross-layer fused path (apply_bn false) every other case
+                c["APPLY_BN"] = i % 2 == 0
+            if "AFFINE" in args:  # the depthwise block's input affine (cross-layer fusion)
+                c["AFFINE"] = i % 2 == 1
             if "USE_DOT" in args:
                 c["USE_DOT"] = True
             if "BLOCK_M" in args and name == "_cab_gemm_kernel":
@@ -214,7 +218,8 @@ def _resources(cubin: bytes, tmpdir: str) -> dict:
 
 
 def _label(c) -> str:
-    keys = [k for k in ("K", "ACT", "MODE", "STORE_T", "TRAINING", "FORM_DT", "P") if k in c["const"]]
+    keys = [k for k in ("K", "ACT", "MODE", "STORE_T", "TRAINING", "FORM_DT", "APPLY_BN", "AFFINE", "P")
+            if k in c["const"]]
     blocks = "x".join(str(v) for k, v in c["const"].items() if k.startswith("BLOCK_"))
     extra = " ".join(f"{k}={c['const'][k]}" for k in keys)
     return (f"{c['kernel']} sm_{c['target']} {c['dtype']} {c['layout']} {blocks} w{c['num_warps']}"
