@@ -9,7 +9,8 @@
 //   eval forward     : y = A*act(T + b) + B in place in the GEMM output (t written too when saved).
 //   training forward : t = T + b in place with block-wise mean/M2 of act(t), merged with Chan's rule;
 //                      then y = A*act(t) + B.
-//   apply_bn = false : y = act(t) (the BN apply is folded into the next depthwise block's load).
+//   apply_bn = false : y = act(t) (the BN apply is folded into the next depthwise block's load); in
+//                      training the statistics pass writes it, so the apply pass is skipped.
 //   backward         : reduce sum(dy), sum(dy*ghat) (training only); then dt = dg*act'(t) with
 //                      db = sum(dt) (and, in eval, the dgamma/dbeta sums) in one sweep; then the
 //                      two GEMMs dW = dT^T Z and dZ = dT W.
@@ -47,9 +48,12 @@ std::pair<int64_t, int64_t> block_rows(const PCQ& s, int64_t b) {
 
 // Training statistics: T += b in place (T is the GEMM output in the accumulation type); returns the
 // mean and biased var of act(T) per channel. Per block, exact two-pass moments over the (cached)
-// block; blocks merged in order with Chan's rule.
+// block; blocks merged in order with Chan's rule. With g_out (the BN apply left to the next block),
+// the second sweep over the cached block also writes g = act(t), and t_out (t in the output dtype)
+// when given, so no apply pass over the whole of T follows.
 template <typename acc_t, typename scalar_t, bool CL, int A>
-void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, double* var_out) {
+void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, double* var_out,
+                scalar_t* g_out = nullptr, scalar_t* t_out = nullptr) {
   const int64_t nb = num_blocks<CL>(s);
   std::vector<double> bmean(nb * s.C), bm2(nb * s.C), bcount(nb);
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
@@ -74,6 +78,17 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
         std::fill(m2.begin(), m2.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
           const acc_t* row = T + p * s.C;
+          if (g_out) {
+            scalar_t* grow = g_out + p * s.C;
+            scalar_t* trow = t_out ? t_out + p * s.C : nullptr;
+            for (int64_t c = 0; c < s.C; ++c) {
+              const acc_t gv = act_forward<A>(row[c]);
+              grow[c] = static_cast<scalar_t>(gv);
+              if (trow) trow[c] = static_cast<scalar_t>(row[c]);
+              m2[c] += (gv - mu[c]) * (gv - mu[c]);
+            }
+            continue;
+          }
 #pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t d = act_forward<A>(row[c]) - mu[c];
@@ -96,10 +111,22 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
           }
           const acc_t m = sm / static_cast<acc_t>(cnt);
           acc_t sq = 0;
+          if (g_out) {
+            scalar_t* gp = g_out + (p0 * s.C + c) * s.Q;
+            scalar_t* tp = t_out ? t_out + (p0 * s.C + c) * s.Q : nullptr;
 #pragma omp simd reduction(+ : sq)
-          for (int64_t q = 0; q < s.Q; ++q) {
-            const acc_t d = act_forward<A>(plane[q]) - m;
-            sq += d * d;
+            for (int64_t q = 0; q < s.Q; ++q) {
+              const acc_t gv = act_forward<A>(plane[q]);
+              gp[q] = static_cast<scalar_t>(gv);
+              if (tp) tp[q] = static_cast<scalar_t>(plane[q]);
+              sq += (gv - m) * (gv - m);
+            }
+          } else {
+#pragma omp simd reduction(+ : sq)
+            for (int64_t q = 0; q < s.Q; ++q) {
+              const acc_t d = act_forward<A>(plane[q]) - m;
+              sq += d * d;
+            }
           }
           bm[c] = m;
           bq[c] = sq;
@@ -333,17 +360,6 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
     dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
       constexpr bool cl = decltype(CL)::value;
       constexpr int A = decltype(ACT)::value;
-      if (batch_stats) {
-        // Training: T += b with the statistics, then the apply pass. T (now t) is kept for the backward.
-        stats_pass<acc_t, scalar_t, cl, A>(s, T.data_ptr<acc_t>(), bias.const_data_ptr<scalar_t>(),
-                                           mean_d.data_ptr<double>(), var_d.data_ptr<double>());
-        rstd_d = (var_d + eps).rsqrt();
-      }
-      // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values);
-      // A = 1, B = 0 (y = act(t)) when the next block applies the BN.
-      const at::Tensor Aff = apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones({g.Cout}, acc_opts.dtype(at::kDouble));
-      const at::Tensor Bff = apply_bn ? beta.to(at::kDouble) - mean_d * Aff : at::zeros_like(Aff);
-      const scalar_t* b_apply = batch_stats ? nullptr : bias.const_data_ptr<scalar_t>();
       // Eval without a saved t writes y over the GEMM output when the dtypes agree.
       const bool y_in_place = same_type && !batch_stats && !save_t;
       y = y_in_place ? T : poisoned(at::empty_like(T, T.options().dtype(x.scalar_type())));
@@ -357,6 +373,20 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
           t_out = t.data_ptr<scalar_t>();
         }
       }
+      if (batch_stats) {
+        // Training: T += b with the statistics, then the apply pass. T (now t) is kept for the backward.
+        // Without apply_bn, the statistics pass writes y = act(t) itself and no apply pass follows.
+        stats_pass<acc_t, scalar_t, cl, A>(s, T.data_ptr<acc_t>(), bias.const_data_ptr<scalar_t>(),
+                                           mean_d.data_ptr<double>(), var_d.data_ptr<double>(),
+                                           apply_bn ? nullptr : y.data_ptr<scalar_t>(), apply_bn ? nullptr : t_out);
+        rstd_d = (var_d + eps).rsqrt();
+        if (!apply_bn) return;
+      }
+      // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values);
+      // A = 1, B = 0 (y = act(t)) when the next block applies the BN.
+      const at::Tensor Aff = apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones({g.Cout}, acc_opts.dtype(at::kDouble));
+      const at::Tensor Bff = apply_bn ? beta.to(at::kDouble) - mean_d * Aff : at::zeros_like(Aff);
+      const scalar_t* b_apply = batch_stats ? nullptr : bias.const_data_ptr<scalar_t>();
       apply_pass<acc_t, scalar_t, cl, A>(s, T.const_data_ptr<acc_t>(), b_apply, t_out, Aff.const_data_ptr<double>(),
                                          Bff.const_data_ptr<double>(), y.data_ptr<scalar_t>());
     });

@@ -184,12 +184,23 @@ void scatter_plane(const PlaneGeom& g, const acc_t* src, int64_t n, int64_t grou
   }
 }
 
-// Dense plane -> interior of a zero-halo buffer at offset (off, off).
+// Dense plane -> interior of a zero-halo buffer at offset (off, off), through the input affine
+// when one is given (u = scale*x + shift per lane).
 template <typename acc_t, bool CL>
-void plane_to_padded(const PlaneGeom& g, const acc_t* src, int64_t off, acc_t* buf) {
+void plane_to_padded(const PlaneGeom& g, const acc_t* src, int64_t off, acc_t* buf, InputAffine<acc_t> aff = {}) {
   constexpr int CB = TileShape<acc_t, CL>::CB;
-  for (int64_t h = 0; h < g.H; ++h)
-    std::memcpy(buf + ((h + off) * g.buf_w + off) * CB, src + h * g.W * CB, g.W * CB * sizeof(acc_t));
+  for (int64_t h = 0; h < g.H; ++h) {
+    acc_t* row = buf + ((h + off) * g.buf_w + off) * CB;
+    const acc_t* in = src + h * g.W * CB;
+    if (!aff.scale) {
+      std::memcpy(row, in, g.W * CB * sizeof(acc_t));
+    } else if (CL) {
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.scale[c] * in[w * CB + c] + aff.shift[c];
+    } else {
+      for (int64_t w = 0; w < g.W; ++w) row[w] = aff.scale[0] * in[w] + aff.shift[0];
+    }
+  }
 }
 
 // Interior of a padded buffer -> dense plane (the inverse of plane_to_padded).
@@ -648,6 +659,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
       std::vector<acc_t> dtpad(s.pad.size(), acc_t(0));
+      std::vector<acc_t> xraw(has_affine ? plane_len<acc_t, CL>(g) : 0, acc_t(0));  // x before the affine
       std::vector<acc_t> zero(VL, acc_t(0));
       for (int64_t group = begin; group < end; ++group) {
         const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
@@ -713,20 +725,25 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           // dt into the dx buffer, placed so that conv with the flipped kernel gives conv_transpose
           // (its halo stays zero: only the H x W interior is ever written).
           plane_to_padded<acc_t, CL>(g, dtb, pr, dtpad.data());
-          // dw[c,i,j] += sum_{h,w} dt[h,w] * xpad[h+i, w+j]
-          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
+          // dw[c,i,j] += sum_{h,w} dt[h,w] * upad[h+i, w+j]; with an input affine x is read once into
+          // xraw (its gradient sums below need x itself) and u = scale*x + shift padded from there.
+          if (has_affine) {
+            gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, xraw.data());
+            plane_to_padded<acc_t, CL>(g, xraw.data(), g.pl, s.pad.data(), in_aff);
+          } else {
+            load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data());
+          }
           weight_grad_plane<acc_t, CL>(g, dtpad.data(), pr, s.pad.data(), dwacc.data());
           // du = dy + conv(dtpad, flipped w)
           conv_plane<acc_t, CL>(g, dtpad.data(), wflip.data(), zero.data(), dtb);
           for (int64_t e = 0; e < len; ++e) dyb[e] += dtb[e];
           if (has_affine) {
             // u = scale*x + shift:  dx = scale*du,  dscale = sum(du*x),  dshift = sum(du)
-            gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, dtb);
             acc_t p1[VL] = {0}, p2[VL] = {0};
             for (int64_t e = 0; e < len; e += VL)
               for (int l = 0; l < VL; ++l) {
                 const acc_t du = (e + l < valid) ? dyb[e + l] : acc_t(0);
-                p1[l] += du * dtb[e + l];
+                p1[l] += du * xraw[e + l];
                 p2[l] += du;
                 dyb[e + l] = in_sc[l] * du;
               }
