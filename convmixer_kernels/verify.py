@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import backends
-from .numerics import compare_block, make_block_params
+from .numerics import compare_block, compare_cross_layer, make_block_params
 
 
 def info():
@@ -49,18 +49,24 @@ def main(argv=None):
     for backend in names:
         for dtype, layout, training in _cases(args.device):
             for kind, act, k, patch in (("dw", "gelu", 9, 1), ("dw", "relu", 4, 1), ("pw", "gelu", 1, 1),
-                                        ("stem", "gelu_tanh", 1, 2)):
+                                        ("stem", "gelu_tanh", 1, 2), ("pw>dw", "gelu", 7, 1)):
                 cin, C = (3, 24) if kind == "stem" else (24, 24)
                 x = torch.randn(2, cin, 10, 10).to(dtype)
                 if layout == "channels_last":
                     x = x.contiguous(memory_format=torch.channels_last)
-                p = make_block_params(kind, C, k=k, cin=cin, patch=patch, dtype=dtype)
-                checks = compare_block(kind, x.to(args.device), p, training, act, patch=patch, steps=2,
-                                       backend=backend)
+                if kind == "pw>dw":  # cross-layer fusion: the pointwise BN applied on the depthwise load
+                    p_pw = make_block_params("pw", C, cin=cin, dtype=dtype)
+                    p_dw = make_block_params("dw", C, k=k, dtype=dtype)
+                    checks = compare_cross_layer(x.to(args.device), p_pw, p_dw, training, act, steps=2,
+                                                 backend=backend)
+                else:
+                    p = make_block_params(kind, C, k=k, cin=cin, patch=patch, dtype=dtype)
+                    checks = compare_block(kind, x.to(args.device), p, training, act, patch=patch, steps=2,
+                                           backend=backend)
                 bad = [c for c in checks if not c.ok]
                 failures += len(bad)
                 worst = max(checks, key=lambda c: c.fused_err / c.bound if c.bound else 0.0)
-                label = f"{backend:<8} {kind:<4} k={k} {str(dtype).split('.')[-1]:<8} {layout:<13} " \
+                label = f"{backend:<8} {kind:<5} k={k} {str(dtype).split('.')[-1]:<8} {layout:<13} " \
                         f"{'train' if training else 'eval':<5} {act:<9}"
                 print(f"  {'PASS' if not bad else 'FAIL'} {label} worst: {worst}")
                 for c in bad:
