@@ -3,6 +3,7 @@ depthwise block's load. The pair conv_act_bn(defer_bn=True) -> dw_block must equ
 by the numerics rule in its output, every gradient of both blocks and both blocks' running
 statistics; models built or converted by the package must actually take this path."""
 import copy
+import os
 
 import pytest
 import torch
@@ -17,13 +18,17 @@ from convmixer_kernels.reference import ConvMixerPaper
 
 from numerics import LAYOUTS, make_x, randomize_bn, run_cross_layer
 
-KERNEL_BACKENDS = ("cpu", "triton", "cuda_emu")
+KERNEL_BACKENDS = ("cpu", "triton", "cuda_emu", "cuda")
 
 
 def _require(backend):
+    """The device the backend's tensors live on (skips when it is not available here)."""
     ok, why = backends.available_backends()[backend]
     if not ok:
         pytest.skip(f"{backend}: {why}")
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "cuda"
+    return "cpu"
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -31,22 +36,21 @@ def _require(backend):
 @pytest.mark.parametrize("training", (True, False))
 @pytest.mark.parametrize("act,k", (("gelu", 3), ("relu", 4), ("gelu_tanh", 5)))
 def test_pair_matches_unfused(backend, layout, training, act, k):
-    _require(backend)
-    x = make_x((2, 6, 6, 7), torch.float32, layout)
+    x = make_x((2, 6, 6, 7), torch.float32, layout).to(_require(backend))
     p_pw, p_dw = make_block_params("pw", 5, cin=6), make_block_params("dw", 5, k=k)
     run_cross_layer(x, p_pw, p_dw, training, act, steps=2, backend=backend)
 
 
 _DTYPES = {"cpu": (torch.float64, torch.bfloat16, torch.float16),
            "triton": (torch.float64, torch.float16),  # the interpreter has no bf16
-           "cuda_emu": (torch.bfloat16, torch.float16)}
+           "cuda_emu": (torch.bfloat16, torch.float16),
+           "cuda": (torch.bfloat16, torch.float16)}
 
 
 @pytest.mark.parametrize("backend,dtype", [(b, d) for b in KERNEL_BACKENDS for d in _DTYPES[b]])
 @pytest.mark.parametrize("training", (True, False))
 def test_pair_dtypes(backend, dtype, training):
-    _require(backend)
-    x = make_x((3, 4, 5, 6), dtype, "channels_last")
+    x = make_x((3, 4, 5, 6), dtype, "channels_last").to(_require(backend))
     p_pw, p_dw = make_block_params("pw", 7, cin=4, dtype=dtype), make_block_params("dw", 7, k=3, dtype=dtype)
     run_cross_layer(x, p_pw, p_dw, training, "gelu", steps=2, backend=backend)
 
