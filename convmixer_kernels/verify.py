@@ -38,11 +38,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default=None, help="comma list (default: every available kernel backend "
                                                      "that runs on the device)")
+    ap.add_argument("--no-emulator", action="store_true",
+                    help="leave out cuda_emu (the CUDA kernels emulated on the CPU: slow, a test harness)")
     args = ap.parse_args(argv)
     avail = backends.available_backends()
     names = args.backends.split(",") if args.backends else [
         n for n, (ok, _) in avail.items() if ok and n != "reference" and
-        args.device in backends.get_backend(n).devices]
+        args.device in backends.get_backend(n).devices and not (args.no_emulator and n == "cuda_emu")]
     print(f"[verify] device={args.device} backends={names}")
     failures = 0
     torch.manual_seed(0)
