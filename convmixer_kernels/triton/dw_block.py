@@ -53,6 +53,18 @@ def _tile_coords(tile, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, pi
 
 
 @triton.jit
+def _split_tiles(N, H, W, BLOCK_P: tl.constexpr):
+    # Reduction programs (grid: splits x channel blocks): program s owns the contiguous tile range
+    # [start, end) of the N * cdiv(H*W, BLOCK_P) pixel tiles -> (s, splits, start, end)
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    total = N * tl.cdiv(H * W, BLOCK_P)
+    per = tl.cdiv(total, splits)
+    start = pid_s * per
+    return pid_s, splits, start, tl.minimum(start + per, total)
+
+
+@triton.jit
 def _input_affine(scale_ptr, shift_ptr, c, c_ok, AFFINE: tl.constexpr, ACC: tl.constexpr):
     # per-channel (scale, shift) of u = scale*x + shift; (1, 0) without an input affine
     if AFFINE:
@@ -120,12 +132,7 @@ def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, pa
                              ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # part[:, s, c] = (count, mean, M2) of g = act(t) over this program's tiles: per tile exact moments,
     # merged tile by tile with Chan's rule (never E[g^2] - E[g]^2).
-    pid_s = tl.program_id(0)
-    splits = tl.num_programs(0)
-    total = N * tl.cdiv(H * W, BLOCK_P)
-    per = tl.cdiv(total, splits)
-    start = pid_s * per
-    end = tl.minimum(start + per, total)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     n_acc = tl.zeros([BLOCK_C], dtype=ACC)
@@ -168,12 +175,7 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr,
                                K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles (t recomputed)
-    pid_s = tl.program_id(0)
-    splits = tl.num_programs(0)
-    total = N * tl.cdiv(H * W, BLOCK_P)
-    per = tl.cdiv(total, splits)
-    start = pid_s * per
-    end = tl.minimum(start + per, total)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
@@ -206,12 +208,7 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_p
     #   part_dw[s, c, i*k+j] = sum dt[n,c,h,w] * u[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
     #   eval only: part_dy[0|1, s, c] = sum dy | sum dy*ghat (dbeta, dgamma; training had its own pass).
     PL: tl.constexpr = (K - 1) // 2
-    pid_s = tl.program_id(0)
-    splits = tl.num_programs(0)
-    total = N * tl.cdiv(H * W, BLOCK_P)
-    per = tl.cdiv(total, splits)
-    start = pid_s * per
-    end = tl.minimum(start + per, total)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
@@ -270,12 +267,7 @@ def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_scale_ptr, dx_ptr, p
     # dx = du, or with the input affine u = scale*x + shift: dx = scale*du and per program partials
     #   part[0, s, c] = sum du*x (d scale),  part[1, s, c] = sum du (d shift)
     PL: tl.constexpr = (K - 1) // 2
-    pid_s = tl.program_id(0)
-    splits = tl.num_programs(0)
-    total = N * tl.cdiv(H * W, BLOCK_P)
-    per = tl.cdiv(total, splits)
-    start = pid_s * per
-    end = tl.minimum(start + per, total)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     isc, _unused = _input_affine(in_scale_ptr, in_scale_ptr, c, c < C, AFFINE, ACC)
     sum_dux = tl.zeros([BLOCK_C], dtype=ACC)
