@@ -41,9 +41,11 @@ SCHEMAS = {
     # Returns (dx, dweight, dbias, dgamma, dbeta); an empty t is recomputed from x. With apply_bn false,
     # dy is dL/dg for g = act(t), and dmean/drstd (empty: zero) are dL/d(batch mean), dL/d(batch rstd):
     # dt = (dy + dmean/M - drstd*rstd^2*ghat/M)*act'(t)  (training),  dy*act'(t) (eval); dgamma = dbeta = 0.
+    # need_dx false (the input needs no gradient, e.g. the stem's images): dx is empty, dZ is not formed.
     "conv_act_bn_backward":
         "(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor mean, Tensor rstd, Tensor t, "
-        "Tensor dmean, Tensor drstd, bool batch_stats, str act, int patch, bool apply_bn, str backend) "
+        "Tensor dmean, Tensor drstd, bool batch_stats, str act, int patch, bool apply_bn, bool need_dx, "
+        "str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 

@@ -43,9 +43,9 @@ def _conv_act_bn_forward_fake(x, weight, bias, gamma, beta, mean, rstd, batch_st
 
 @torch.library.register_fake(qualname("conv_act_bn_backward"))
 def _conv_act_bn_backward_fake(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd, batch_stats, act, patch,
-                               apply_bn, backend):
+                               apply_bn, need_dx, backend):
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return (torch.empty_like(x, memory_format=fmt), torch.empty_like(weight, memory_format=torch.contiguous_format),
+    return (torch.empty_like(x, memory_format=fmt) if need_dx else x.new_empty(0), torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(gamma))
 
 
@@ -70,9 +70,11 @@ def _backward(ctx, dy, _dt, dmean, drstd, _dvar):
     dx, dw, db, dgamma, dbeta = op("conv_act_bn_backward")(
         dy, x, weight, bias, gamma, mean, rstd, t, empty if dmean is None else dmean.contiguous(),
         empty if drstd is None else drstd.contiguous(), ctx.batch_stats, ctx.act, ctx.patch, ctx.apply_bn,
-        ctx.backend)
+        ctx.needs_input_grad[0], ctx.backend)
     if not ctx.apply_bn:
         dgamma = dbeta = None
+    if not ctx.needs_input_grad[0]:
+        dx = None  # not formed (the stem's images)
     return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None, None, None, None
 
 

@@ -99,8 +99,8 @@ def test_opcheck_forward(batch_stats, layout, patch, save_t, apply_bn):
 @pytest.mark.parametrize("batch_stats", (True, False))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("patch,save_t", ((1, True), (2, False)))
-@pytest.mark.parametrize("apply_bn", (True, False))
-def test_opcheck_backward(batch_stats, layout, patch, save_t, apply_bn):
+@pytest.mark.parametrize("apply_bn,need_dx", ((True, True), (False, True), (True, False)))
+def test_opcheck_backward(batch_stats, layout, patch, save_t, apply_bn, need_dx):
     x, w, b, g, be, mean, rstd = _op_args(False, layout, patch)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dy = torch.randn(2, 4, 6 // patch, 6 // patch).contiguous(memory_format=fmt)
@@ -108,4 +108,30 @@ def test_opcheck_backward(batch_stats, layout, patch, save_t, apply_bn):
     dmean, drstd = (torch.randn(4), torch.randn(4)) if not apply_bn else (torch.empty(0), torch.empty(0))
     torch.library.opcheck(op("conv_act_bn_backward"),
                           (dy, x, w, b, g, mean, rstd, t, dmean, drstd, batch_stats, "gelu_tanh", patch, apply_bn,
-                           "cpu"))
+                           need_dx, "cpu"))
+
+
+def test_backward_skips_dx_when_the_input_needs_no_grad(monkeypatch):
+    """The stem's images need no gradient: the backward is asked not to form dZ = dT W, and the
+    parameter gradients are unchanged."""
+    from convmixer_kernels import backends
+    b = backends.get_backend("cpu")
+    seen = []
+
+    def spy_backward(*a):
+        seen.append(a[-1])  # need_dx
+        return b.conv_act_bn_backward(*a)
+
+    monkeypatch.setitem(backends._LOADED, "cpu", backends.KernelBackend(
+        "cpu", b.devices, b.dw_block_forward, b.dw_block_backward, b.conv_act_bn_forward, spy_backward))
+    p = make_block_params("stem", 4, cin=3, patch=2)
+    grads = {}
+    for needs in (False, True):
+        x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1)).requires_grad_(needs)
+        w, bias = p["weight"].clone().requires_grad_(), p["bias"].clone().requires_grad_()
+        conv_act_bn(x, w, bias, p["gamma"], p["beta"], training=True, patch=2, backend="cpu").square().sum().backward()
+        grads[needs] = (w.grad, bias.grad)
+        assert (x.grad is not None) == needs
+    assert seen == [False, True]
+    for a, c in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

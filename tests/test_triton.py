@@ -220,8 +220,10 @@ def test_launcher_outputs_match_cpu_contract(layout):
                _C.conv_act_bn_forward_cpu(x, wp, bp, g6, be6, m6, r6, batch_stats, 1e-5, 2, 1, True, apply_bn)]
         dy = torch.randn_like(cab[1][0])
         dm, dr = (e, e) if apply_bn else (torch.randn(6), torch.randn(6))
-        cabw = [tb.conv_act_bn_backward(dy, x, wp, bp, g6, m6, r6, cab[0][1], dm, dr, batch_stats, 2, 1, apply_bn),
-                _C.conv_act_bn_backward_cpu(dy, x, wp, bp, g6, m6, r6, cab[1][1], dm, dr, batch_stats, 2, 1, apply_bn)]
+        cabw = [tb.conv_act_bn_backward(dy, x, wp, bp, g6, m6, r6, cab[0][1], dm, dr, batch_stats, 2, 1, apply_bn,
+                                        batch_stats),
+                _C.conv_act_bn_backward_cpu(dy, x, wp, bp, g6, m6, r6, cab[1][1], dm, dr, batch_stats, 2, 1, apply_bn,
+                                            batch_stats)]
         for a, c in (outs, bw, cab, cabw):
             assert len(a) == len(c)
             for ta, tc in zip(a, c):

@@ -371,10 +371,10 @@ def conv_act_bn_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: b
 
 
 def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd, batch_stats: bool, act: int,
-                         patch: int, apply_bn: bool):
+                         patch: int, apply_bn: bool, need_dx: bool):
     """Returns [dx, dweight, dbias, dgamma, dbeta]; an empty t is recomputed from x (MODE_T GEMM).
     apply_bn false: dy is dL/d act(t), dmean/drstd (empty: zero) the gradients of the batch mean and
-    rstd; dgamma = dbeta = 0."""
+    rstd; dgamma = dbeta = 0. need_dx false: dx is empty and dZ = dT W is not formed."""
     _check("conv_act_bn_backward", x, weight, bias, gamma, gamma, patch)
     N, Cin, H, W, Ho, Wo, Cout, Kd = _geom(x, weight, patch)
     if tuple(dy.shape) != (N, Cout, Ho, Wo) or dy.dtype != x.dtype:
@@ -398,7 +398,7 @@ def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd
     if t is None or t.numel() == 0:
         t = new_output(_output_like(x, Cout, patch))
         _gemm(x, w2, bias, gamma, gamma, None, None, None, t, None, MODE_T, act, patch, True)
-    dx = new_output(torch.empty_like(x, memory_format=fmt))
+    dx = new_output(torch.empty_like(x, memory_format=fmt)) if need_dx else x.new_empty(0)
     dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
     dbias = new_output(torch.empty_like(bias))
     dgamma = new_output(torch.empty_like(gamma))
@@ -433,6 +433,8 @@ def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd
     _cab_dweight_kernel[lambda m: (triton.cdiv(Cout, m["BLOCK_N"]), triton.cdiv(Kd, m["BLOCK_K"]), S_w)](
         dT, x, part_dw, N, Cin, Ho, Wo, Cout, Kd, *x.stride(), P=patch, ACC=ACC, USE_DOT=USE_DOT)
     sum_rows(part_dw, dweight)
+    if not need_dx:
+        return [dx, dweight, dbias, dgamma, dbeta]
     _cab_dinput_kernel[lambda m: (N * triton.cdiv(Ho * Wo, m["BLOCK_M"]), triton.cdiv(Kd, m["BLOCK_K"]))](
         dT, w2, dx, N, Cin, Ho, Wo, Cout, Kd, *dx.stride(), P=patch, ACC=ACC, USE_DOT=USE_DOT)
     if H % patch:  # input rows / columns no patch covers (torch zero_ on those slices only)

@@ -400,7 +400,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                              const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
                                              const at::Tensor& rstd, const at::Tensor& t_saved,
                                              const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
-                                             int64_t act, int64_t patch, bool apply_bn) {
+                                             int64_t act, int64_t patch, bool apply_bn, bool need_dx) {
   check_cab_inputs(x, weight, bias, gamma, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   const PCQ s = pcq_of(g);
@@ -457,14 +457,14 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
   if (g.cl) {
     const at::Tensor dTm = dT.permute({0, 2, 3, 1}).reshape({g.N * g.Ho * g.Wo, g.Cout});
     dW2 = at::mm(dTm.t(), Z);
-    dZ = at::mm(dTm, W2);  // (M, K)
+    if (need_dx) dZ = at::mm(dTm, W2);  // (M, K)
   } else {
     const at::Tensor dTm = dT.view({g.N, g.Cout, g.Ho * g.Wo});
     dW2 = at::zeros({g.Cout, g.K}, dT.options().dtype(at::toOpMathType(x.scalar_type())));
     for (int64_t n = 0; n < g.N; ++n) dW2.addmm_(dTm[n].to(dW2.scalar_type()), Z[n].t().to(dW2.scalar_type()));
-    dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
+    if (need_dx) dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
   }
-  const at::Tensor dx = fold_patches(g, dZ, x);
+  const at::Tensor dx = need_dx ? fold_patches(g, dZ, x) : at::empty({0}, x.options());
   const auto acc = gamma.scalar_type();
   if (!apply_bn) {  // gamma and beta were not used
     sum_dyg.zero_();

@@ -18,12 +18,12 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
 
 // Returns {dx, dweight, dbias, dgamma, dbeta}. t may be empty: it is then recomputed from x.
 // apply_bn = false: dy is dL/d act(t), dmean/drstd (empty: zero) the gradients of the batch mean
-// and rstd outputs; dgamma = dbeta = 0.
+// and rstd outputs; dgamma = dbeta = 0. need_dx = false: dx is empty (dZ = dT W is not formed).
 std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
                                              const at::Tensor& rstd, const at::Tensor& t, const at::Tensor& dmean,
                                              const at::Tensor& drstd, bool batch_stats, int64_t act, int64_t patch,
-                                             bool apply_bn);
+                                             bool apply_bn, bool need_dx);
 
 }  // namespace cpu
 }  // namespace cmk

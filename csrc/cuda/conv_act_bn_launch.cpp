@@ -62,7 +62,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                              const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
                                              const at::Tensor& rstd, const at::Tensor& t_saved,
                                              const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
-                                             int64_t act, int64_t patch, bool apply_bn) {
+                                             int64_t act, int64_t patch, bool apply_bn, bool need_dx) {
   const char* op = "conv_act_bn_backward";
   check_cab(op, x, weight, bias, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
@@ -114,14 +114,14 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
   if (g.cl) {
     const at::Tensor dTm = dT.permute({0, 2, 3, 1}).reshape({g.N * g.Ho * g.Wo, g.Cout});
     dW2 = at::mm(dTm.t(), Z);
-    dZ = at::mm(dTm, W2);  // (M, K)
+    if (need_dx) dZ = at::mm(dTm, W2);  // (M, K)
   } else {
     const at::Tensor dTm = dT.view({g.N, g.Cout, g.Ho * g.Wo});
     const int64_t L = g.Ho * g.Wo;
     dW2 = at::mm(dTm.transpose(0, 1).reshape({g.Cout, g.N * L}), Z.transpose(0, 1).reshape({g.K, g.N * L}).t());
-    dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
+    if (need_dx) dZ = at::matmul(W2.t(), dTm);  // (N, K, L)
   }
-  const at::Tensor dx = fold_patches(g, dZ, x);
+  const at::Tensor dx = need_dx ? fold_patches(g, dZ, x) : at::empty({0}, x.options());
   // A deferred BN did not use gamma and beta here: their gradients are 0.
   const at::Tensor dgamma = apply_bn ? sums.select(1, 1).contiguous() : at::zeros({g.Cout}, f32);
   const at::Tensor dbeta = apply_bn ? sums.select(1, 0).contiguous() : at::zeros({g.Cout}, f32);

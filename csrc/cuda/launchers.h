@@ -25,7 +25,7 @@
                                                const at::Tensor& bias, const at::Tensor& gamma,                       \
                                                const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& t,   \
                                                const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,    \
-                                               int64_t act, int64_t patch, bool apply_bn);
+                                               int64_t act, int64_t patch, bool apply_bn, bool need_dx);
 
 namespace cmk {
 namespace cuda {
