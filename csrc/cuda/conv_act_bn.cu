@@ -6,7 +6,8 @@
 //                               welford_finalize_kernel -> batch mean, var, rstd.
 //   cab_apply_kernel            y = gamma*(act(t) - mean)*rstd + beta (eval: t = T + b), t saved in the
 //                               input dtype when asked; y = act(t) when the BN apply is deferred to the
-//                               next depthwise block's load (apply_bn false).
+//                               next depthwise block's load (apply_bn false; in training the statistics
+//                               kernel writes it and this pass is skipped).
 //   cab_backward_reduce_kernel  backward pass 1: sum dy, sum dy*ghat per channel (BN applied here only).
 //   cab_backward_dt_kernel      backward pass 2: dT = dg * act'(t) in the input dtype, sum dT per channel.
 // t is read from the saved tensor, or recomputed as T_acc + b rounded to the input dtype (as saved).
@@ -22,9 +23,12 @@ CMK_DEV float load_t(const T* __restrict__ t_saved, const float* __restrict__ T_
   return t_saved != nullptr ? to_acc(t_saved[e]) : to_acc(from_acc<T>(T_acc[e] + bias));
 }
 
+// With g_out (the BN apply deferred to the next depthwise block) it also writes y = g = act(t), and
+// t in the input dtype to t_out when given, so no apply pass follows.
 template <typename T, int ACT>
 __global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const T* __restrict__ b, int cpb,
-                                         int64_t chunk, float* __restrict__ ws) {
+                                         int64_t chunk, float* __restrict__ ws, T* __restrict__ g_out,
+                                         T* __restrict__ t_out) {
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
@@ -35,7 +39,12 @@ __global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
       const float t = Tm[e] + bc;
       Tm[e] = t;
-      acc.merge(1.f, act_forward<ACT>(t), 0.f);
+      const float g = act_forward<ACT>(t);
+      acc.merge(1.f, g, 0.f);
+      if (g_out != nullptr) {
+        g_out[e] = from_acc<T>(g);
+        if (t_out != nullptr) t_out[e] = from_acc<T>(t);
+      }
     }
   }
   block_channel_welford(acc, cpb);
@@ -157,10 +166,12 @@ void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* T
     if (batch_stats) {
       const SplitPlan sp = plan_splits(p, s);
       auto kern = &cab_stats_partial_kernel<T, A>;
+      T* g_out = apply_bn ? nullptr : static_cast<T*>(y);  // deferred BN: y = act(t) written here
       CMK_LAUNCH(kern, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
-                 stream, L, Tm, bp, sp.cpb, sp.chunk, ws);
+                 stream, L, Tm, bp, sp.cpb, sp.chunk, ws, g_out, apply_bn ? nullptr : static_cast<T*>(t_out));
       CMK_CHECK_LAUNCH("cab_stats_partial_kernel");
       launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
+      if (!apply_bn) return;  // no apply pass
     }
     const int64_t numel = p.N * p.C * p.H * p.W;
     const unsigned blocks = static_cast<unsigned>(
