@@ -93,9 +93,9 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
         if in_scale.shape != (C,) or in_shift.shape != (C,):
             raise ValueError(f"dw_block: the pending BatchNorm's scale/shift have shapes {tuple(in_scale.shape)}, "
                              f"{tuple(in_shift.shape)}, expected ({C},)")
-        if name == "reference":
-            x = PendingBN(x, in_scale, in_shift).materialize()
     if name == "reference":
+        if in_scale is not None:  # the unfused layers see the BN output itself
+            x = PendingBN(x, in_scale, in_shift).materialize()
         return reference.dw_block_reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                             num_batches_tracked, training, momentum, eps, act)
     if bias is None:

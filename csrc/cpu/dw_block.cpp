@@ -134,6 +134,17 @@ std::vector<acc_t> group_lanes(const PlaneGeom& g, const T* v, int64_t group) {
   return out;
 }
 
+// Per-lane input affine of one channel group (group_lanes of scale and shift, kept alive in sc/sh);
+// none when scale is null.
+template <typename acc_t, bool CL>
+InputAffine<acc_t> group_input_affine(const PlaneGeom& g, const acc_t* scale, const acc_t* shift, int64_t group,
+                                      std::vector<acc_t>& sc, std::vector<acc_t>& sh) {
+  if (!scale) return {};
+  sc = group_lanes<acc_t, CL>(g, scale, group);
+  sh = group_lanes<acc_t, CL>(g, shift, group);
+  return {sc.data(), sh.data()};
+}
+
 // Values of one plane in a dense buffer of plane_len(g) elements: H*W*CB, rounded up to whole vectors.
 template <typename acc_t, bool CL>
 int64_t plane_len(const PlaneGeom& g) {
@@ -479,13 +490,6 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
   scalar_t* yp = y.data_ptr<scalar_t>();
   const acc_t* isp = in_scale.numel() ? in_scale.const_data_ptr<acc_t>() : nullptr;
   const acc_t* ishp = in_scale.numel() ? in_shift.const_data_ptr<acc_t>() : nullptr;
-  // Per-lane input affine of one channel group (empty vectors: none).
-  auto input_affine = [&](int64_t group, std::vector<acc_t>& sc, std::vector<acc_t>& sh) {
-    if (!isp) return InputAffine<acc_t>{};
-    sc = group_lanes<acc_t, CL>(g, isp, group);
-    sh = group_lanes<acc_t, CL>(g, ishp, group);
-    return InputAffine<acc_t>{sc.data(), sh.data()};
-  };
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
@@ -520,7 +524,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
             wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
             bv = group_lanes<acc_t, CL>(g, bp, group);
             affine(group, scale, shift);
-            in_aff = input_affine(group, in_sc, in_sh);
+            in_aff = group_input_affine<acc_t, CL>(g, isp, ishp, group, in_sc, in_sh);
             cur = group;
           }
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
@@ -580,7 +584,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
       for (int64_t group = begin; group < end; ++group) {
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
         const auto bv = group_lanes<acc_t, CL>(g, bp, group);
-        const InputAffine<acc_t> in_aff = input_affine(group, in_sc, in_sh);
+        const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, isp, ishp, group, in_sc, in_sh);
         acc_t* G = s.batch.data();
         double sum[VL] = {0}, m2[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
@@ -670,12 +674,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         const auto rs = group_lanes<acc_t, CL>(g, rstdp, group);
         const auto ga = group_lanes<acc_t, CL>(g, gp, group);
         std::vector<acc_t> in_sc, in_sh;
-        InputAffine<acc_t> in_aff;
-        if (has_affine) {
-          in_sc = group_lanes<acc_t, CL>(g, isp, group);
-          in_sh = group_lanes<acc_t, CL>(g, ishp, group);
-          in_aff = {in_sc.data(), in_sh.data()};
-        }
+        const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, isp, ishp, group, in_sc, in_sh);
         acc_t* T = s.batch.data();
         acc_t* dyb = s.aux.data();
 
