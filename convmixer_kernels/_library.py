@@ -118,13 +118,21 @@ def check_block_input(block: str, x: torch.Tensor, weight: torch.Tensor, *others
 
 
 def autocast_inputs(x, weight, bias):
-    """Under torch.autocast the conv runs in the autocast dtype, as the unfused layers would; the BN
-    parameters and statistics stay fp32."""
+    """Under torch.autocast the conv runs in the autocast dtype, as the unfused layers would: every
+    floating input but float64 is cast (autocast's own rule for its lower-precision ops); the BN
+    parameters and statistics stay fp32. Runs before the dtype checks, so a block that receives the
+    previous block's autocast-dtype output next to fp32 weights is not an error."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return x, weight, bias
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+
+        def cast(t):
+            if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dt):
+                return t
+            return t.to(dt)
+        x, weight, bias = cast(x), cast(weight), cast(bias)
     return x, weight, bias
 
 

@@ -97,6 +97,7 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     following `dw_block` to apply on its load, saving the apply pass; the running statistics are
     updated here either way. (The reference backend returns the tensor itself.)"""
     check_act(act)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_block_input("conv_act_bn", x, weight, bias, gamma, beta, running_mean, running_var)
     cin = x.shape[1]
     if weight.dim() != 4 or weight.shape[1] != cin or tuple(weight.shape[2:]) != (patch, patch):
@@ -110,7 +111,6 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                              f"conv's output channels")
     if x.shape[2] < patch or x.shape[3] < patch:
         raise ValueError(f"conv_act_bn: input spatial size {tuple(x.shape[2:])} is smaller than the patch {patch}")
-    x, weight, bias = autocast_inputs(x, weight, bias)
     count = x.shape[0] * (x.shape[2] // patch) * (x.shape[3] // patch)
     check_training_count("conv_act_bn", count, training)
     name = backends.resolve(backend, x.device, "conv_act_bn")

@@ -74,6 +74,7 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
         x, in_scale, in_shift = x
     else:
         in_scale = in_shift = None
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_block_input("dw_block", x, weight, bias, gamma, beta, running_mean, running_var)
     C = x.shape[1]
     if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
@@ -83,7 +84,6 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
                     ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.shape != (C,):
             raise ValueError(f"dw_block: {name} has shape {tuple(t.shape)}, expected ({C},) to match the input channels")
-    x, weight, bias = autocast_inputs(x, weight, bias)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     check_training_count("dw_block", count, training)
     name = backends.resolve(backend, x.device, "dw_block")
