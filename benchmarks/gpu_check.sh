@@ -4,6 +4,8 @@
 #   1. build:    pip install --no-build-isolation --no-deps -e .          -> build.log
 #   2. tests:    pytest tests/ (Triton kernels compiled for real, no TRITON_INTERPRET) -> pytest.log
 #                python -m convmixer_kernels verify --device cuda          -> verify.log
+#                AMP (fp16/bf16 CUDA autocast, whole models) and a 1-GPU DDP smoke test of
+#                examples/train_ddp.py --amp --sync-bn (NCCL)                -> appended to pytest.log
 #   3. memcheck: compute-sanitizer on a tiny script through the `cuda` backend, when built -> memcheck.log
 #   4. bench:    benchmarks/bench_gpu.py (blocks at ConvMixer-1536/20 and -768/32 shapes) -> bench.log,
 #                bench_gpu.csv, bench_gpu.json (ceilings, target ratios, triton-vs-cuda winners)
@@ -31,6 +33,7 @@ BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
 TEST_TIMEOUT=${TEST_TIMEOUT:-140}
 VERIFY_TIMEOUT=${VERIFY_TIMEOUT:-60}
 MEMCHECK_TIMEOUT=${MEMCHECK_TIMEOUT:-45}
+AMP_DDP_TIMEOUT=${AMP_DDP_TIMEOUT:-90}
 BENCH_MIN_S=${BENCH_MIN_S:-60}
 BENCH_TUNE=${BENCH_TUNE:-1}
 SKIP_STEPS=${SKIP_STEPS:-}
@@ -101,6 +104,18 @@ note "$(grep -E '(passed|failed|error)' "$OUTDIR/pytest.log" | grep -E ' in [0-9
 : > "$OUTDIR/verify.log"
 run_step verify "$VERIFY_TIMEOUT" "$OUTDIR/verify.log" "$PY" -m convmixer_kernels verify --device cuda
 note "$(grep -c '^  PASS' "$OUTDIR/verify.log") PASS, $(grep -c '^  FAIL' "$OUTDIR/verify.log") FAIL"
+# AMP on the GPU (the CUDA cases of the whole-model autocast tests) and DDP + fused sync BN over NCCL
+AMPDDP=$(mktemp /tmp/cmk_amp_ddp_XXXX.sh)
+cat > "$AMPDDP" <<AMPEOF
+set -e
+"$PY" -m pytest -q -p no:cacheprovider tests/test_amp.py -k cuda
+"$PY" -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_addr 127.0.0.1 --master_port 29533 \
+  examples/train_ddp.py --device cuda --amp --sync-bn --epochs 1 --max-steps-per-epoch 8 --out /tmp/cmk_ddp.png
+AMPEOF
+echo "== amp_ddp" >> "$OUTDIR/pytest.log"
+run_step amp_ddp "$AMP_DDP_TIMEOUT" "$OUTDIR/pytest.log" bash "$AMPDDP"
+note "$(grep -E 'passed|failed' "$OUTDIR/pytest.log" | tail -1 | cut -c1-80); $(grep -E 'final test accuracy' "$OUTDIR/pytest.log" | tail -1)"
+rm -f "$AMPDDP"
 
 # 3. compute-sanitizer memcheck through the cuda backend (tiny shapes)
 : > "$OUTDIR/memcheck.log"

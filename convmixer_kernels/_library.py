@@ -27,10 +27,21 @@ SCHEMAS = {
         "-> (Tensor, Tensor, Tensor, Tensor)",
     # Returns (dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift). With du = dL/du:
     # dx = in_scale*du, din_scale = sum(du*x), din_shift = sum(du) per channel (empty without in_scale).
+    # dy_means (2, C) or empty: a synchronized BN's global [mean dy, mean dy*ghat], used in dg instead of
+    # this call's own; the reduction pass is then skipped and dgamma, dbeta come back empty.
     "dw_block_backward":
         "(Tensor dy, Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, "
-        "Tensor mean, Tensor rstd, bool batch_stats, str act, str backend) "
+        "Tensor mean, Tensor rstd, bool batch_stats, Tensor dy_means, str act, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # Synchronized BN, forward pass 1: (mean, var) of g = act(dwconv(u)+b) over this call's batch (biased
+    # var, accumulation dtype); nothing else is written.
+    "dw_block_batch_stats":
+        "(Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, str act, str backend) "
+        "-> (Tensor, Tensor)",
+    # Synchronized BN, backward pass 1: the (2, C) local sums [sum dy, sum dy*ghat], ghat = (g-mean)*rstd.
+    "dw_block_backward_reduce":
+        "(Tensor dy, Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor mean, "
+        "Tensor rstd, str act, str backend) -> Tensor",
     # y = gamma*(act(conv_p(x)+b) - mean)*rstd + beta with kernel = stride = patch (1: pointwise); with
     # apply_bn false y = act(conv_p(x)+b) (the BN apply is left to the next depthwise block's load).
     # Returns (y, t, batch_mean, batch_rstd, batch_var); t = conv_p(x)+b when save_t, else empty.
@@ -73,7 +84,8 @@ def register_backend_dispatch(name: str):
         args[act_pos] = ACT_CODES[args[act_pos]]
         # Launchers pick their own precisions; autocast must not re-cast their internal GEMMs.
         with torch.autocast(args[0].device.type, enabled=False):
-            return tuple(getattr(backend, name)(*args[:-1]))
+            out = getattr(backend, name)(*args[:-1])
+        return tuple(out) if isinstance(out, (list, tuple)) else out
 
     for key in ("CPU", "CUDA"):
         torch.library.impl(qualname(name), key, lib=_lib)(impl)

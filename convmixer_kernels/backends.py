@@ -32,6 +32,8 @@ class KernelBackend:
     dw_block_backward: Callable
     conv_act_bn_forward: Callable
     conv_act_bn_backward: Callable
+    dw_block_batch_stats: Callable      # synchronized BN: forward statistics pass only
+    dw_block_backward_reduce: Callable  # synchronized BN: backward reduction pass only
 
 
 _LOADED: dict = {}
@@ -53,7 +55,8 @@ def _load(name: str) -> Optional[KernelBackend]:
         ext, reason = _extension()
         if ext is not None:
             backend = KernelBackend("cpu", ("cpu",), ext.dw_block_forward_cpu, ext.dw_block_backward_cpu,
-                                    ext.conv_act_bn_forward_cpu, ext.conv_act_bn_backward_cpu)
+                                    ext.conv_act_bn_forward_cpu, ext.conv_act_bn_backward_cpu,
+                                    ext.dw_block_batch_stats_cpu, ext.dw_block_backward_reduce_cpu)
     elif name == "triton":
         try:
             from . import triton as triton_backend  # noqa: F401  (imports triton)
@@ -70,10 +73,9 @@ def _load(name: str) -> Optional[KernelBackend]:
                              if name == "cuda" else "(the CUDA emulation harness is not built)"))
             else:
                 dev = ("cuda",) if name == "cuda" else ("cpu",)
-                backend = KernelBackend(name, dev, getattr(ext, f"dw_block_forward_{prefix}"),
-                                        getattr(ext, f"dw_block_backward_{prefix}"),
-                                        getattr(ext, f"conv_act_bn_forward_{prefix}"),
-                                        getattr(ext, f"conv_act_bn_backward_{prefix}"))
+                backend = KernelBackend(name, dev, *(getattr(ext, f"{op}_{prefix}") for op in (
+                    "dw_block_forward", "dw_block_backward", "conv_act_bn_forward", "conv_act_bn_backward",
+                    "dw_block_batch_stats", "dw_block_backward_reduce")))
                 if name == "cuda" and not torch.cuda.is_available():
                     backend, reason = None, "built, but no CUDA device is visible"
     if backend is None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
+from .sync_bn import SyncedStats, check_global_count, empty_in_graph, resolve_group, sync_group_of
 from ._library import (PendingBN, autocast_inputs, bn_affine, bn_operands, check_act, check_block_input, check_training_count,
                        dense, is_channels_last, op, qualname, register_backend_dispatch, update_running_stats_)
 
@@ -89,13 +90,17 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 num_batches_tracked: Optional[torch.Tensor] = None, training: bool = True,
                 momentum: Optional[float] = 0.1, eps: float = 1e-5, act: str = "gelu", patch: int = 1,
                 save_t: Optional[bool] = None, backend: str = "auto",
-                defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
+                defer_bn: bool = False, sync_bn: bool = False, process_group=None) -> Union[torch.Tensor, PendingBN]:
     """BatchNorm(act(conv2d(x, weight, bias, stride=patch))) with weight (Cout, Cin, patch, patch):
     the pointwise block (patch=1) or the patch-embedding stem.
 
     defer_bn=True returns a `PendingBN` (g = act(conv) and the BN's per-channel scale/shift) for a
     following `dw_block` to apply on its load, saving the apply pass; the running statistics are
-    updated here either way. (The reference backend returns the tensor itself.)"""
+    updated here either way. (The reference backend returns the tensor itself.)
+
+    sync_bn=True (training): global batch statistics over `process_group` (None: the default group), as
+    nn.SyncBatchNorm's; the block then runs in its deferred-BN form and the apply is the next depthwise
+    block's load, or one elementwise pass without defer_bn (sync_bn.py has the passes and collectives)."""
     check_act(act)
     x, weight, bias = autocast_inputs(x, weight, bias)
     check_block_input("conv_act_bn", x, weight, bias, gamma, beta, running_mean, running_var)
@@ -112,9 +117,14 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if x.shape[2] < patch or x.shape[3] < patch:
         raise ValueError(f"conv_act_bn: input spatial size {tuple(x.shape[2:])} is smaller than the patch {patch}")
     count = x.shape[0] * (x.shape[2] // patch) * (x.shape[3] // patch)
-    check_training_count("conv_act_bn", count, training)
+    sync = sync_bn and training
+    if not sync:
+        check_training_count("conv_act_bn", count, training)
     name = backends.resolve(backend, x.device, "conv_act_bn")
     if name == "reference":
+        if sync:
+            raise NotImplementedError("conv_act_bn: sync_bn with backend='reference'; the unfused reference is "
+                                      "the model with nn.SyncBatchNorm layers")
         return reference.conv_act_bn_reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                                num_batches_tracked, training, momentum, eps, act, patch)
     if bias is None:
@@ -125,6 +135,22 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, gamma, beta))
         save_t = needs_grad and cin * patch * patch > RECOMPUTE_T_MAX_K
+    if sync:
+        group = resolve_group(process_group, "conv_act_bn")
+        if count:
+            y, _, mean_l, rstd_l, var_l = op("conv_act_bn_forward")(
+                dense(x), weight.contiguous(), bias, g, b, mean, rstd, True, eps, act, patch, save_t, False, name)
+        else:  # an empty local batch still joins the collectives, the backward's all_reduce included
+            y = empty_in_graph(_output_like(x, cout, patch), x, weight, bias)
+            mean_l, rstd_l, var_l = (g.new_zeros(cout) for _ in range(3))
+            if torch.is_grad_enabled():
+                mean_l.requires_grad_()
+                rstd_l.requires_grad_()
+        mean, rstd, var, n = SyncedStats.apply(mean_l, rstd_l, var_l, count, eps, group)
+        update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, mean.detach(), var,
+                              check_global_count("conv_act_bn", n))
+        pending = PendingBN(y, *bn_affine(g, b, mean, rstd))
+        return pending if defer_bn else pending.materialize()
     y, _, batch_mean, batch_rstd, batch_var = op("conv_act_bn_forward")(
         dense(x), weight.contiguous(), bias, g, b, mean, rstd, batch_stats, eps, act, patch, save_t, not defer_bn, name)
     if training:
@@ -137,10 +163,12 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def conv_act_bn_modules(conv: nn.Conv2d, act: str, bn: nn.BatchNorm2d, x: torch.Tensor,
                         backend: str = "auto", defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
-    """The fused equivalent of ``bn(act(conv(x)))`` for modules the converter has validated."""
+    """The fused equivalent of ``bn(act(conv(x)))`` for modules the converter has validated (an
+    nn.SyncBatchNorm syncs over its process group)."""
+    group = sync_group_of(bn)
     return conv_act_bn(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                        bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, act, conv.stride[0],
-                       backend=backend, defer_bn=defer_bn)
+                       backend=backend, defer_bn=defer_bn, sync_bn=group is not False, process_group=group or None)
 
 
 # --- module -----------------------------------------------------------------------------------------

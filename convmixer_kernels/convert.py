@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from .conv_act_bn import FusedConvActBN
 from .dw_block import FusedDepthwiseBlock
-from .model import FusedSequential, accepts_pending, emits_pending
+from .sync_bn import SyncBatchNorm2d
+from .model import FusedSequential, accepts_pending, emits_pending, fused_batchnorms, set_sync_bn
 
 
 @dataclass
@@ -48,8 +49,8 @@ def activation_name(m: nn.Module) -> Optional[str]:
 
 
 def _check_bn(bn: nn.Module, channels: int) -> Optional[str]:
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{type(bn).__name__} is not nn.BatchNorm2d"
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d):
+        return f"{type(bn).__name__} is not nn.BatchNorm2d (or nn.SyncBatchNorm)"
     if bn.num_features != channels:
         return f"BatchNorm2d has {bn.num_features} features but the conv has {channels} output channels"
     return None
@@ -172,15 +173,23 @@ class _Converter:
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False,
-            cross_layer: bool = True):
+            cross_layer: bool = True, sync_bn: bool = False, process_group=None):
     """Swaps fused modules into `model` (a copy unless inplace=True). Keeps every parameter and buffer
     name and value, and the train/eval mode. Returns the model, or (model, ConversionReport) when
     return_report is true; unfusable look-alikes are also reported with a warning. cross_layer=False
-    keeps every BN apply in its own block (no PendingBN handed between blocks)."""
+    keeps every BN apply in its own block (no PendingBN handed between blocks). sync_bn=True makes the
+    fused modules' BatchNorms synchronized over `process_group` (see `set_sync_bn`); a model whose BNs are
+    already nn.SyncBatchNorm (timm's --sync-bn) converts as is and syncs over their groups."""
     if not inplace:
         model = copy.deepcopy(model)
     conv = _Converter(backend, cross_layer)
     new = conv.convert(model, "")
+    if sync_bn:
+        set_sync_bn(new, process_group)
+    else:  # nn.SyncBatchNorm layers (timm's --sync-bn) keep syncing over their groups, and DDP accepts them on CPU
+        for bn in fused_batchnorms(new):
+            if isinstance(bn, nn.SyncBatchNorm):
+                SyncBatchNorm2d.adopt(bn)
     if conv.report.skipped:
         warnings.warn("convmixer_kernels.convert left these modules unfused:\n"
                       + "\n".join(f"  {p or '<root>'}: {w}" for p, w in conv.report.skipped), stacklevel=2)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
+from .sync_bn import SyncedDepthwiseBlock, check_global_count, resolve_group, sync_group_of
 from ._library import (ACT_CODES, PendingBN, acc_dtype, autocast_inputs, bn_operands, check_act, check_block_input,
                        check_training_count, dense, op, qualname, register_backend_dispatch,
                        update_running_stats_)
@@ -18,6 +19,8 @@ from ._library import (ACT_CODES, PendingBN, acc_dtype, autocast_inputs, bn_oper
 
 register_backend_dispatch("dw_block_forward")
 register_backend_dispatch("dw_block_backward")
+register_backend_dispatch("dw_block_batch_stats")
+register_backend_dispatch("dw_block_backward_reduce")
 
 
 @torch.library.register_fake(qualname("dw_block_forward"))
@@ -28,10 +31,23 @@ def _dw_block_forward_fake(x, in_scale, in_shift, weight, bias, gamma, beta, mea
 
 
 @torch.library.register_fake(qualname("dw_block_backward"))
-def _dw_block_backward_fake(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats, act, backend):
+def _dw_block_backward_fake(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats, dy_means, act,
+                            backend):
+    n = 0 if dy_means.numel() else gamma.shape[0]
     return (torch.empty_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(gamma),
+            torch.empty_like(bias), gamma.new_empty(n), gamma.new_empty(n),
             torch.empty_like(in_scale), torch.empty_like(in_shift))
+
+
+@torch.library.register_fake(qualname("dw_block_batch_stats"))
+def _dw_block_batch_stats_fake(x, in_scale, in_shift, weight, bias, act, backend):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+
+
+@torch.library.register_fake(qualname("dw_block_backward_reduce"))
+def _dw_block_backward_reduce_fake(dy, x, in_scale, in_shift, weight, bias, mean, rstd, act, backend):
+    return mean.new_empty((2, x.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -47,7 +63,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, *_stat_grads):
     x, in_scale, in_shift, weight, bias, gamma, mean, rstd = ctx.saved_tensors
     dx, dw, db, dgamma, dbeta, dscale, dshift = op("dw_block_backward")(
-        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, ctx.batch_stats, ctx.act, ctx.backend)
+        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, ctx.batch_stats, gamma.new_empty(0), ctx.act,
+        ctx.backend)
     has_affine = in_scale.numel() > 0
     return (dx, dscale if has_affine else None, dshift if has_affine else None, dw, db, dgamma, dbeta,
             None, None, None, None, None, None)
@@ -63,12 +80,15 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
              running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
              num_batches_tracked: Optional[torch.Tensor] = None, training: bool = True,
              momentum: Optional[float] = 0.1, eps: float = 1e-5, act: str = "gelu",
-             backend: str = "auto") -> torch.Tensor:
+             backend: str = "auto", sync_bn: bool = False, process_group=None) -> torch.Tensor:
     """x + BatchNorm(act(depthwise_conv(x, weight, bias, padding='same'))), with nn.BatchNorm2d's
     semantics for training/eval, running statistics, momentum=None and affine/track_running_stats off.
 
     `x` may be a `PendingBN` (the previous pointwise block's output before its BN apply): the block
-    then applies z = scale*g + shift as it loads g, and computes the same result as dw_block(z)."""
+    then applies z = scale*g + shift as it loads g, and computes the same result as dw_block(z).
+
+    sync_bn=True (training): the batch statistics are those of the global batch over `process_group`
+    (None: the default group), as nn.SyncBatchNorm's; see sync_bn.py for the passes and collectives."""
     check_act(act)
     if isinstance(x, PendingBN):
         x, in_scale, in_shift = x
@@ -85,7 +105,9 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
         if t is not None and t.shape != (C,):
             raise ValueError(f"dw_block: {name} has shape {tuple(t.shape)}, expected ({C},) to match the input channels")
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    check_training_count("dw_block", count, training)
+    sync = sync_bn and training
+    if not sync:
+        check_training_count("dw_block", count, training)
     name = backends.resolve(backend, x.device, "dw_block")
     if in_scale is not None:
         acc = acc_dtype(x.dtype)
@@ -94,6 +116,9 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
             raise ValueError(f"dw_block: the pending BatchNorm's scale/shift have shapes {tuple(in_scale.shape)}, "
                              f"{tuple(in_shift.shape)}, expected ({C},)")
     if name == "reference":
+        if sync:
+            raise NotImplementedError("dw_block: sync_bn with backend='reference'; the unfused reference is "
+                                      "the model with nn.SyncBatchNorm layers")
         if in_scale is not None:  # the unfused layers see the BN output itself
             x = PendingBN(x, in_scale, in_shift).materialize()
         return reference.dw_block_reference(x, weight, bias, gamma, beta, running_mean, running_var,
@@ -104,6 +129,13 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
                                                 training, eps)
     if in_scale is None:
         in_scale = in_shift = torch.empty(0, dtype=g.dtype, device=x.device)
+    if sync:
+        group = resolve_group(process_group, "dw_block")
+        y, mean, var, n = SyncedDepthwiseBlock.apply(dense(x), in_scale, in_shift, weight.contiguous(), bias, g, b,
+                                                     eps, act, name, group)
+        update_running_stats_(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                              check_global_count("dw_block", n))
+        return y
     y, batch_mean, _, batch_var = op("dw_block_forward")(dense(x), in_scale, in_shift, weight.contiguous(), bias, g, b,
                                                           mean, rstd, batch_stats, eps, act, name)
     if training:
@@ -141,9 +173,12 @@ class FusedDepthwiseBlock(nn.Module):
         return self
 
     def forward(self, x: Union[torch.Tensor, PendingBN]) -> torch.Tensor:
+        """A BN child that is an nn.SyncBatchNorm syncs over its process group."""
         conv, bn = self.fn[0], self.fn[2]
+        group = sync_group_of(bn)
         return dw_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                        bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.act, self.backend)
+                        bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.act, self.backend,
+                        sync_bn=group is not False, process_group=group or None)
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}, backend={self.backend!r}"

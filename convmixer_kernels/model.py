@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ._library import PendingBN
+from .sync_bn import SyncBatchNorm2d
 from .conv_act_bn import FusedConvActBN, conv_act_bn_modules
 from .dw_block import FusedDepthwiseBlock
 from .reference import make_act
@@ -108,7 +109,10 @@ class ConvMixer(nn.Module):
     checkpoint loads with strict=True."""
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7, num_classes: int = 1000,
-                 act: str = "gelu", backend: str = "auto", in_chans: int = 3):
+                 act: str = "gelu", backend: str = "auto", in_chans: int = 3, sync_bn: bool = False,
+                 process_group=None):
+        """sync_bn=True: every BN computes its training statistics over the global batch of
+        `process_group` (None: the default group), fused; see `set_sync_bn`."""
         super().__init__()
         self.num_classes = num_classes
         self.num_features = dim
@@ -117,6 +121,8 @@ class ConvMixer(nn.Module):
         self.blocks = FusedSequential(layers, [("module", i) for i in range(depth)], backend)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        if sync_bn:
+            set_sync_bn(self, process_group)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # The stem's BN and every pointwise BN but the last are applied by the next depthwise block.
@@ -141,3 +147,27 @@ def set_cross_layer(model: nn.Module, enabled: bool) -> nn.Module:
         if isinstance(m, FusedSequential):
             m.cross_layer = enabled
     return model
+
+
+def set_sync_bn(model: nn.Module, process_group=None) -> nn.Module:
+    """Makes every BatchNorm that a fused module runs a SyncBatchNorm2d over `process_group` (None: the
+    default group) in place: the same parameters and buffers, so state_dict keys do not change. The fused
+    ops then compute global batch statistics (sync_bn.py), with DDP on CPU (gloo) or GPU (NCCL).
+    BatchNorms outside fused modules are left alone. (A fused module whose BN child is an nn.SyncBatchNorm,
+    e.g. after nn.SyncBatchNorm.convert_sync_batchnorm, syncs over that layer's group too; DDP accepts
+    nn.SyncBatchNorm on GPU modules only.)"""
+    for bn in fused_batchnorms(model):
+        SyncBatchNorm2d.adopt(bn, process_group)
+    return model
+
+
+def fused_batchnorms(model: nn.Module):
+    """The BatchNorm modules that fused modules in `model` run."""
+    for m in model.modules():
+        if isinstance(m, FusedDepthwiseBlock):
+            yield m.fn[2]
+        elif isinstance(m, FusedConvActBN):
+            yield m[2]
+        elif isinstance(m, FusedSequential):
+            mods = list(m._modules.values())
+            yield from (mods[step[1] + 2] for step in m.plan if step[0] == "fused")

@@ -11,6 +11,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch.compile's on-disk caches live in /tmp across runs, and its FX graph cache does not notice a changed
+# op schema (README): a fresh cache per test session, so compiled graphs always call the ops as built now.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmk_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 
 @pytest.fixture(autouse=True)
 def _poison_and_seed():

@@ -79,7 +79,7 @@ def test_input_affine_of_the_wrong_size_is_a_clear_error():
     with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
         op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda")
     with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
-        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, "gelu", "cuda")
+        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, g.new_empty(0), "gelu", "cuda")
 
 
 def test_convmixer_end_to_end_matches_cpu_backend():

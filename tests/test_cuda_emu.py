@@ -165,7 +165,7 @@ def test_input_affine_of_the_wrong_size_is_a_clear_error():
     with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
         op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
     with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
-        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, "gelu", "cuda_emu")
+        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, empty, "gelu", "cuda_emu")
     # a scale without a shift
     x, sc, sh, w, b, g, be = _dw_op_args(5, torch.ones(5), empty)
     with pytest.raises(RuntimeError, match="in_scale and in_shift must both be empty or both have 5 elements"):

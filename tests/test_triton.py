@@ -211,8 +211,8 @@ def test_launcher_outputs_match_cpu_contract(layout):
                                               (True, (sc, sh), False), (False, (sc, sh), False)):
         outs = [tb.dw_block_forward(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0),
                 _C.dw_block_forward_cpu(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0)]
-        bw = [tb.dw_block_backward(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, 0),
-              _C.dw_block_backward_cpu(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, 0)]
+        bw = [tb.dw_block_backward(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, e, 0),
+              _C.dw_block_backward_cpu(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, e, 0)]
         wp = torch.randn(6, 4, 1, 1)
         bp = torch.randn(6)
         g6, be6, m6, r6 = torch.randn(6), torch.randn(6), torch.randn(6), torch.rand(6) + 0.5

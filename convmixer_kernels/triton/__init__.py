@@ -17,6 +17,6 @@ def make_backend():
         return None, f"triton cannot be imported ({type(e).__name__}: {e})"
     from ..backends import KernelBackend
     from .conv_act_bn import conv_act_bn_backward, conv_act_bn_forward
-    from .dw_block import dw_block_backward, dw_block_forward
+    from .dw_block import dw_block_backward, dw_block_backward_reduce, dw_block_batch_stats, dw_block_forward
     return KernelBackend("triton", ("cuda",), dw_block_forward, dw_block_backward, conv_act_bn_forward,
-                         conv_act_bn_backward), None
+                         conv_act_bn_backward, dw_block_batch_stats, dw_block_backward_reduce), None

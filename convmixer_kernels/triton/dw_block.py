@@ -332,53 +332,106 @@ def _splits(x: torch.Tensor, C: int) -> int:
     return max(1, min(tiles, triton.cdiv(num_programs_hint(x.device), c_blocks)))
 
 
+def _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act):
+    """Training pass 1: (mean, rstd, var) of g = act(dwconv(u) + b) over the batch (biased var)."""
+    N, C, H, W = x.shape
+    S = _splits(x, C)
+    acc = acc_dtype(x.dtype)
+    parts = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
+    _dw_forward_stats_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
+        x, in_scale, in_shift, weight, bias, parts, N, C, H, W, *x.stride(), K=weight.shape[2], ACT=act,
+        AFFINE=affine, ACC=tl_acc(x.dtype))
+    mean = new_output(torch.empty(C, dtype=acc, device=x.device))
+    rstd = new_output(torch.empty_like(mean))
+    var = new_output(torch.empty_like(mean))
+    finalize_stats(parts, eps, mean, var, rstd)
+    return mean, rstd, var
+
+
 def dw_block_forward(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats: bool, eps: float,
                      act: int):
     """Returns [y, mean, rstd, var]: the batch statistics (biased var) when batch_stats, else empty.
     The block's input is u = in_scale*x + in_shift per channel, or x when both are empty."""
     _check("dw_block_forward", x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats)
     N, C, H, W = x.shape
-    K = weight.shape[2]
     weight = weight.contiguous()
-    acc = acc_dtype(x.dtype)
     affine = in_scale.numel() > 0
     if not affine:
         in_scale = in_shift = gamma  # never read (AFFINE=False)
     y = new_output(torch.empty_like(x))
     empty = torch.empty(0, dtype=gamma.dtype, device=x.device)
-    geom = (N, C, H, W) + tuple(x.stride())
     if batch_stats:
-        S = _splits(x, C)
-        parts = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
-        _dw_forward_stats_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-            x, in_scale, in_shift, weight, bias, parts, *geom, K=K, ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
-        mean = new_output(torch.empty(C, dtype=gamma.dtype, device=x.device))
-        rstd = new_output(torch.empty_like(mean))
-        var = new_output(torch.empty_like(mean))
-        finalize_stats(parts, eps, mean, var, rstd)
+        mean, rstd, var = _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act)
     _dw_forward_apply_kernel[lambda m: (N * triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
-        x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, y, *geom, *y.stride(), K=K, ACT=act,
-        AFFINE=affine, ACC=tl_acc(x.dtype))
+        x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, y, N, C, H, W, *x.stride(), *y.stride(),
+        K=weight.shape[2], ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
     if not batch_stats:
         return [y, empty, empty, empty.clone()]
     return [y, mean, rstd, var]
 
 
-def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats: bool, act: int):
+def dw_block_batch_stats(x, in_scale, in_shift, weight, bias, act: int):
+    """Synchronized BN, forward pass 1: [mean, var] (biased) of g over this call's batch; no output."""
+    unused = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+    _check("dw_block_batch_stats", x, in_scale, in_shift, weight, bias, unused, unused, unused, unused, True)
+    affine = in_scale.numel() > 0
+    if not affine:
+        in_scale = in_shift = unused
+    mean, _, var = _forward_stats(x, in_scale, in_shift, weight.contiguous(), bias, affine, 1.0, act)  # rstd unused
+    return [mean, var]
+
+
+def _backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta, dgamma):
+    """Backward pass 1: dbeta = sum dy, dgamma = sum dy*ghat (per-program partials in part_dy)."""
+    N, C, H, W = x.shape
+    S = part_dy.shape[1]
+    _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
+        dy, x, in_scale, in_shift, weight, bias, mean, rstd, part_dy, N, C, H, W, *x.stride(), *dy.stride(),
+        K=weight.shape[2], ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
+    sum_rows(part_dy[0], dbeta)
+    sum_rows(part_dy[1], dgamma)
+
+
+def _check_grad_output(op, dy, x):
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise RuntimeError(f"{op}: grad_output {dy.dtype} {tuple(dy.shape)} does not match x "
+                           f"{x.dtype} {tuple(x.shape)}")
+    return dy.contiguous(memory_format=memory_format_of(x))
+
+
+def dw_block_backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, act: int):
+    """Synchronized BN, backward pass 1: (2, C) local sums [sum dy, sum dy*ghat]."""
+    _check("dw_block_backward_reduce", x, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, False)
+    dy = _check_grad_output("dw_block_backward_reduce", dy, x)
+    affine = in_scale.numel() > 0
+    if not affine:
+        in_scale = in_shift = mean
+    C = x.shape[1]
+    sums = new_output(torch.empty((2, C), dtype=mean.dtype, device=x.device))
+    part_dy = new_output(torch.empty((2, _splits(x, C), C), dtype=acc_dtype(x.dtype), device=x.device))
+    _backward_reduce(dy, x, in_scale, in_shift, weight.contiguous(), bias, mean, rstd, affine, act, part_dy,
+                     sums[0], sums[1])
+    return sums
+
+
+def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats: bool, dy_means,
+                      act: int):
     """Returns [dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift] (dweight/dbias in the weight
     dtype, the rest in gamma's; the last two empty without an input affine). The dt scratch between
-    the dt and dx passes is kept in the accumulation dtype."""
+    the dt and dx passes is kept in the accumulation dtype. dy_means (2, C), for a synchronized BN:
+    the global means of dy and dy*ghat; pass 1 is skipped and dgamma/dbeta come back empty."""
     _check("dw_block_backward", x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise RuntimeError(f"dw_block_backward: grad_output {dy.dtype} {tuple(dy.shape)} does not match x "
-                           f"{x.dtype} {tuple(x.shape)}")
+    dy = _check_grad_output("dw_block_backward", dy, x)
     N, C, H, W = x.shape
     K = weight.shape[2]
     weight = weight.contiguous()
-    dy = dy.contiguous(memory_format=memory_format_of(x))
     acc = acc_dtype(x.dtype)
     ACC = tl_acc(x.dtype)
     affine = in_scale.numel() > 0
+    sums_given = dy_means.numel() > 0
+    if sums_given and (not batch_stats or tuple(dy_means.shape) != (2, C) or dy_means.dtype != gamma.dtype):
+        raise RuntimeError(f"dw_block_backward: dy_means must be a ({2}, {C}) {gamma.dtype} tensor with batch "
+                           f"statistics, got {dy_means.dtype} {tuple(dy_means.shape)}")
     dscale = new_output(torch.empty_like(in_scale))
     dshift = new_output(torch.empty_like(in_shift))
     if not affine:
@@ -386,23 +439,25 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
     dx = new_output(torch.empty_like(x))
     dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
     dbias = new_output(torch.empty_like(bias))
-    dgamma = new_output(torch.empty_like(gamma))
-    dbeta = new_output(torch.empty_like(gamma))
     dt = new_output(torch.empty_like(x, dtype=acc))
     S = _splits(x, C)
     geom = (N, C, H, W) + tuple(x.stride())
     part_dy = new_output(torch.empty((2, S, C), dtype=acc, device=x.device))
-    if batch_stats:
-        _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-            dy, x, in_scale, in_shift, weight, bias, mean, rstd, part_dy, *geom, *dy.stride(), K=K, ACT=act,
-            AFFINE=affine, ACC=ACC)
-        sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
-        sum_rows(part_dy[1], dgamma)  # dgamma = sum dy*ghat
+    if sums_given:  # c1, c2 are the given means: dt kernel with M = 1
+        c1_src, c2_src, count = dy_means[0], dy_means[1], 1
+        dgamma = dbeta = gamma.new_empty(0)
+    else:
+        dgamma = new_output(torch.empty_like(gamma))
+        dbeta = new_output(torch.empty_like(gamma))
+        c1_src, c2_src, count = dbeta, dgamma, N * H * W
+        if batch_stats:
+            _backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta,
+                             dgamma)
     part_dw = new_output(torch.empty((S, C, K * K), dtype=acc, device=x.device))
     part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
     _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, dbeta, dgamma, dt, part_dw, part_db, part_dy,
-        N * H * W, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
+        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dt, part_dw, part_db, part_dy,
+        count, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
         KK_PAD=triton.next_power_of_2(K * K))
     if not batch_stats:
         sum_rows(part_dy[0], dbeta)   # dbeta = sum dy

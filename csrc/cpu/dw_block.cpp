@@ -474,7 +474,7 @@ struct Scratch {
 template <typename scalar_t, bool CL>
 void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
-                  double eps, int64_t act, at::Tensor& y, at::Tensor& var) {
+                  double eps, int64_t act, at::Tensor& y, at::Tensor& var, bool stats_only = false) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
@@ -487,7 +487,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
   acc_t* meanp = mean.data_ptr<acc_t>();
   acc_t* rstdp = rstd.data_ptr<acc_t>();
   acc_t* varp = batch_stats ? var.data_ptr<acc_t>() : nullptr;
-  scalar_t* yp = y.data_ptr<scalar_t>();
+  scalar_t* yp = stats_only ? nullptr : y.data_ptr<scalar_t>();
   const acc_t* isp = in_scale.numel() ? in_scale.const_data_ptr<acc_t>() : nullptr;
   const acc_t* ishp = in_scale.numel() ? in_shift.const_data_ptr<acc_t>() : nullptr;
 
@@ -619,6 +619,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
           varp[ch] = static_cast<acc_t>(v);
           rstdp[ch] = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
         }
+        if (stats_only) continue;  // synchronized BN: the apply runs later with the global statistics
         affine(group, scale, shift);
         for (int64_t n = 0; n < g.N; ++n) {
           gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data(), in_aff);
@@ -633,8 +634,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
 template <typename scalar_t, bool CL>
 void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
                    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                   const at::Tensor& rstd, bool batch_stats, int64_t act, at::Tensor& dx, at::Tensor& dweight,
-                   at::Tensor& dbias, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dscale, at::Tensor& dshift) {
+                   const at::Tensor& rstd, bool batch_stats, const at::Tensor& dy_means, int64_t act, at::Tensor& dx,
+                   at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dscale,
+                   at::Tensor& dshift, at::Tensor* reduce_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
@@ -657,6 +659,9 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const acc_t* ishp = has_affine ? in_shift.const_data_ptr<acc_t>() : nullptr;
   acc_t* dscp = has_affine ? dscale.data_ptr<acc_t>() : nullptr;
   acc_t* dshp = has_affine ? dshift.data_ptr<acc_t>() : nullptr;
+  // Synchronized BN: c1, c2 are the global means (2, C) of dy and dy*ghat; the local sums are not output.
+  const acc_t* dmp = dy_means.numel() ? dy_means.const_data_ptr<acc_t>() : nullptr;
+  acc_t* redp = reduce_out ? reduce_out->data_ptr<acc_t>() : nullptr;  // reduce only: (2, C) local sums
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
@@ -695,13 +700,23 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           reduce_lanes<acc_t, CL>(p1, sdy);
           reduce_lanes<acc_t, CL>(p2, sdyg);
         }
-        // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat).
+        if (redp) {
+          for (int64_t c = 0; c < cb; ++c) {
+            redp[c0 + c] = static_cast<acc_t>(sdy[c]);
+            redp[g.C + c0 + c] = static_cast<acc_t>(sdyg[c]);
+          }
+          continue;
+        }
+        // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat) over the
+        // batch (this call's, or the global batch's from dy_means under synchronized BN).
+        const auto gm1 = group_lanes<acc_t, CL>(g, dmp ? dmp : rstdp, group);
+        const auto gm2 = group_lanes<acc_t, CL>(g, dmp ? dmp + g.C : rstdp, group);
         acc_t a[VL], c1[VL], c2[VL];
         for (int l = 0; l < VL; ++l) {
           const int lc = CL ? l : 0;
           a[l] = ga[l] * rs[l];
-          c1[l] = batch_stats ? static_cast<acc_t>(sdy[lc] / static_cast<double>(M)) : acc_t(0);
-          c2[l] = batch_stats ? static_cast<acc_t>(sdyg[lc] / static_cast<double>(M)) : acc_t(0);
+          c1[l] = !batch_stats ? acc_t(0) : dmp ? gm1[l] : static_cast<acc_t>(sdy[lc] / static_cast<double>(M));
+          c2[l] = !batch_stats ? acc_t(0) : dmp ? gm2[l] : static_cast<acc_t>(sdyg[lc] / static_cast<double>(M));
         }
 
         // Pass 2: dt, db, dw, dx.
@@ -755,8 +770,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           const int64_t ch = c0 + c;
           for (int64_t t = 0; t < kk; ++t) dwp[ch * kk + t] = static_cast<scalar_t>(dwacc[t * CB + c]);
           dbp[ch] = static_cast<scalar_t>(dbacc[c]);
-          dgp[ch] = static_cast<acc_t>(sdyg[c]);
-          dbetap[ch] = static_cast<acc_t>(sdy[c]);
+          if (!dmp) {
+            dgp[ch] = static_cast<acc_t>(sdyg[c]);
+            dbetap[ch] = static_cast<acc_t>(sdy[c]);
+          }
           if (has_affine) {
             dscp[ch] = static_cast<acc_t>(dscacc[c]);
             dshp[ch] = static_cast<acc_t>(dshacc[c]);
@@ -792,34 +809,91 @@ std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& 
   return {y, mean_out, rstd_out, var_out};
 }
 
+namespace {
+// dy in x's layout, after the shape/dtype checks every backward entry point shares.
+at::Tensor dense_grad_output(const char* op, const at::Tensor& dy_in, const at::Tensor& x) {
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), op, ": grad_output has shape ", dy_in.sizes(), " but x has shape ",
+              x.sizes());
+  TORCH_CHECK(dy_in.scalar_type() == x.scalar_type(), op, ": grad_output dtype ", dy_in.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  return dy_in.contiguous(is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// The (2, C) per-channel means [mean dy, mean dy*ghat] of a synchronized BN, or empty.
+void check_dy_means(const at::Tensor& dy_means, bool batch_stats, int64_t C, at::ScalarType acc) {
+  if (dy_means.numel() == 0) return;
+  TORCH_CHECK(batch_stats, "dw_block_backward: dy_means is only meaningful with batch statistics");
+  TORCH_CHECK(dy_means.device().is_cpu() && dy_means.dim() == 2 && dy_means.size(0) == 2 &&
+                  dy_means.size(1) == C && dy_means.is_contiguous() && dy_means.scalar_type() == acc,
+              "dw_block_backward: dy_means must be a contiguous (2, ", C, ") ", acc, " CPU tensor, got ",
+              dy_means.scalar_type(), " ", dy_means.sizes());
+}
+}  // namespace
+
+std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                             const at::Tensor& weight, const at::Tensor& bias, int64_t act) {
+  const auto acc_opts = x.options().dtype(acc_type_for(x.scalar_type()));
+  const int64_t C = x.size(1);
+  const at::Tensor unused = at::zeros({C}, acc_opts);  // gamma/beta: read only by the apply pass
+  check_dw_inputs(x, in_scale, in_shift, weight, bias, unused, unused, unused, unused, true);
+  at::Tensor mean = poisoned(at::empty({C}, acc_opts));
+  at::Tensor rstd = at::empty({C}, acc_opts);
+  at::Tensor var = poisoned(at::empty({C}, acc_opts));
+  at::Tensor no_y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_batch_stats_cpu", [&] {
+    if (is_channels_last(x))
+      forward_impl<scalar_t, true>(x, in_scale, in_shift, weight.contiguous(), bias, unused, unused, mean, rstd, true,
+                                   1.0, act, no_y, var, /*stats_only=*/true);
+    else
+      forward_impl<scalar_t, false>(x, in_scale, in_shift, weight.contiguous(), bias, unused, unused, mean, rstd, true,
+                                    1.0, act, no_y, var, /*stats_only=*/true);
+  });
+  return {mean, var};
+}
+
 std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_scale,
                                           const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
                                           const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd,
-                                          bool batch_stats, int64_t act) {
+                                          bool batch_stats, const at::Tensor& dy_means, int64_t act) {
   check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, false);
+  check_dy_means(dy_means, batch_stats, x.size(1), gamma.scalar_type());
   const bool cl = is_channels_last(x);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  TORCH_CHECK(dy_in.sizes() == x.sizes(), "dw_block_backward: grad_output has shape ", dy_in.sizes(),
-              " but x has shape ", x.sizes());
-  TORCH_CHECK(dy_in.scalar_type() == x.scalar_type(), "dw_block_backward: grad_output dtype ", dy_in.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  const at::Tensor dy = dy_in.contiguous(fmt);
+  const at::Tensor dy = dense_grad_output("dw_block_backward", dy_in, x);
+  const bool local_sums = dy_means.numel() == 0;  // else dgamma/dbeta (local sums) come from the reduce op
   at::Tensor dx = poisoned(at::empty_like(x));
   at::Tensor dweight = poisoned(at::empty_like(weight, weight.options(), at::MemoryFormat::Contiguous));
   at::Tensor dbias = poisoned(at::empty_like(bias));
-  at::Tensor dgamma = poisoned(at::empty_like(gamma));
-  at::Tensor dbeta = poisoned(at::empty_like(gamma));
+  at::Tensor dgamma = poisoned(local_sums ? at::empty_like(gamma) : gamma.new_empty({0}));
+  at::Tensor dbeta = poisoned(local_sums ? at::empty_like(gamma) : gamma.new_empty({0}));
   at::Tensor dscale = poisoned(at::empty_like(in_scale));
   at::Tensor dshift = poisoned(at::empty_like(in_shift));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_backward_cpu", [&] {
     if (cl)
       backward_impl<scalar_t, true>(dy, x, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
-                                    batch_stats, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
+                                    batch_stats, dy_means, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
     else
       backward_impl<scalar_t, false>(dy, x, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
-                                     batch_stats, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
+                                     batch_stats, dy_means, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
   });
   return {dx, dweight, dbias, dgamma, dbeta, dscale, dshift};
+}
+
+at::Tensor dw_block_backward_reduce(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_scale,
+                                    const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
+                                    const at::Tensor& mean, const at::Tensor& rstd, int64_t act) {
+  check_dw_inputs(x, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, false);
+  const at::Tensor dy = dense_grad_output("dw_block_backward_reduce", dy_in, x);
+  at::Tensor sums = poisoned(at::empty({2, x.size(1)}, mean.options()));
+  at::Tensor none_x = x.new_empty({0}), none_w = weight.new_empty({0}), none = mean.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_backward_reduce_cpu", [&] {
+    if (is_channels_last(x))
+      backward_impl<scalar_t, true>(dy, x, in_scale, in_shift, weight.contiguous(), bias, mean, mean, rstd, true,
+                                    none, act, none_x, none_w, none_w, none, none, none, none, &sums);
+    else
+      backward_impl<scalar_t, false>(dy, x, in_scale, in_shift, weight.contiguous(), bias, mean, mean, rstd, true,
+                                     none, act, none_x, none_w, none_w, none, none, none, none, &sums);
+  });
+  return sums;
 }
 
 }  // namespace cpu

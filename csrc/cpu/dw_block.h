@@ -51,11 +51,21 @@ std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& 
                                          bool batch_stats, double eps, int64_t act);
 
 // Returns {dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift} (the last two empty without an
-// input affine).
+// input affine). dy_means (2, C), for a synchronized BN: the global means of dy and dy*ghat used in
+// dg; the local sums are then not formed and dgamma/dbeta come back empty (dw_block_backward_reduce).
 std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale,
                                           const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
                                           const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd,
-                                          bool batch_stats, int64_t act);
+                                          bool batch_stats, const at::Tensor& dy_means, int64_t act);
+
+// Synchronized BN, forward pass 1: {mean, var} (biased) of g = act(dwconv(u) + b) over this call's batch.
+std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                             const at::Tensor& weight, const at::Tensor& bias, int64_t act);
+
+// Synchronized BN, backward pass 1: (2, C) local sums [sum dy, sum dy*ghat], ghat = (g - mean)*rstd.
+at::Tensor dw_block_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale,
+                                    const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
+                                    const at::Tensor& mean, const at::Tensor& rstd, int64_t act);
 
 }  // namespace cpu
 }  // namespace cmk

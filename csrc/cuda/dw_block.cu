@@ -173,7 +173,7 @@ __global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x
                                         const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
                                         const float* __restrict__ gamma, const float* __restrict__ mean,
                                         const float* __restrict__ rstd, const float* __restrict__ sums,
-                                        bool batch_stats, int th, int tw, int cpb, int64_t tiles_per_split,
+                                        float inv_m, bool batch_stats, int th, int tw, int cpb, int64_t tiles_per_split,
                                         T* __restrict__ dx, float* __restrict__ ws) {
   CMK_DYNAMIC_SHARED(float, smem);
   const int kk = k * k, pl = (k - 1) / 2, pr = k - 1 - pl, ncols = static_cast<int>(dw_grad_columns(k));
@@ -186,7 +186,6 @@ __global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x
   const int64_t total = L.N * per_image;
   const int64_t t0 = blockIdx.y * tiles_per_split;
   const int64_t t1 = t0 + tiles_per_split < total ? t0 + tiles_per_split : total;
-  const float inv_m = 1.f / static_cast<float>(L.N * L.HW);
   const int nitems = cpb * (kk + 1);
   float acc[kMaxGradItems];
   for (int it = 0; it < kMaxGradItems; ++it) acc[it] = 0.f;
@@ -311,8 +310,8 @@ int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape
 
 void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_scale,
                              const float* in_shift, const void* w, const void* b, const float* gamma,
-                             const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
-                             void* y, float* ws, void* stream) {
+                             const float* beta, float* mean, float* rstd, float* var, bool batch_stats, bool apply,
+                             float eps, void* y, float* ws, void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
   const InputAffine in{in_scale, in_shift};
@@ -331,6 +330,7 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
       CMK_CHECK_LAUNCH("dw_stats_partial_kernel");
       launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
     }
+    if (!apply) return;  // synchronized BN: applied later with the global statistics
     constexpr int V = pack16<T>();
     const bool vec = p.channels_last && p.C % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(y) % 16 == 0;
@@ -356,8 +356,9 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
 
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
                               const float* in_scale, const float* in_shift, const void* w, const void* b,
-                              const float* gamma, const float* mean, const float* rstd, bool batch_stats, void* dx,
-                              float* sums, float* grads, float* ws, void* stream) {
+                              const float* gamma, const float* mean, const float* rstd, bool batch_stats,
+                              bool sums_given, bool reduce_only, void* dx, float* sums, float* grads, float* ws,
+                              void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
   const InputAffine in{in_scale, in_shift};
@@ -368,13 +369,18 @@ void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s,
     const T* xp = static_cast<const T*>(x);
     const T* wp = static_cast<const T*>(w);
     const T* bp = static_cast<const T*>(b);
-    // Pass 1: sum dy, sum dy*ghat per channel (dbeta, dgamma; and the training terms of dg).
-    const SplitPlan sp = plan_splits(p, s);
-    auto reduce = &dw_backward_reduce_kernel<T, A>;
-    CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
-               stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
-    CMK_CHECK_LAUNCH("dw_backward_reduce_kernel");
-    launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+    // Pass 1: sum dy, sum dy*ghat per channel (dbeta, dgamma; and the training terms of dg). A
+    // synchronized BN gives the global means instead (sums_given: c1, c2 = sums, so inv_m = 1).
+    if (!sums_given) {
+      const SplitPlan sp = plan_splits(p, s);
+      auto reduce = &dw_backward_reduce_kernel<T, A>;
+      CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
+                 stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
+      CMK_CHECK_LAUNCH("dw_backward_reduce_kernel");
+      launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+    }
+    if (reduce_only) return;
+    const float inv_m = sums_given ? 1.f : 1.f / static_cast<float>(L.N * L.HW);
     // Pass 2: dt, du, dx, and the dw/db/din_scale/din_shift partials on shared-memory tiles.
     const TilePlan tp = plan_tiles(p, k, s);
     auto tile = &dw_backward_tile_kernel<T, A>;
@@ -391,7 +397,7 @@ void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s,
 #endif
     CMK_LAUNCH(tile, dim3(static_cast<unsigned>(tp.groups), static_cast<unsigned>(tp.splits)), dim3(s.threads),
                tp.smem_bytes, stream, L, ki, xp, in, dyp, wp, bp, gamma, mean, rstd, static_cast<const float*>(sums),
-               batch_stats, tp.th, tp.tw, tp.cpb, tp.tiles_per_split, static_cast<T*>(dx), ws);
+               inv_m, batch_stats, tp.th, tp.tw, tp.cpb, tp.tiles_per_split, static_cast<T*>(dx), ws);
     CMK_CHECK_LAUNCH("dw_backward_tile_kernel");
     launch_sum_splits(ws, tp.splits, p.C * dw_grad_columns(k), grads, stream);
   });
