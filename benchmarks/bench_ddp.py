@@ -28,23 +28,29 @@ from convmixer_kernels.launch import spawn_ranks  # noqa: E402
 
 
 class _CountingDist:
-    """torch.distributed as seen by convmixer_kernels.sync_bn, counting its collectives."""
+    """torch.distributed as seen by convmixer_kernels.sync_bn: counts its collectives (calls, bytes sent
+    per rank) and the wall time spent inside them (which includes waiting for the other ranks)."""
 
     def __init__(self):
-        self.calls = {"all_gather": [0, 0], "all_reduce": [0, 0]}  # [count, bytes sent per rank]
+        self.calls = {"all_gather": [0, 0], "all_reduce": [0, 0]}
+        self.seconds = 0.0
 
     def __getattr__(self, k):
         return getattr(dist, k)
 
+    def _timed(self, name, t, fn, *a, **kw):
+        self.calls[name][0] += 1
+        self.calls[name][1] += t.numel() * t.element_size()
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        self.seconds += time.perf_counter() - t0
+        return out
+
     def all_gather(self, out, t, **kw):
-        self.calls["all_gather"][0] += 1
-        self.calls["all_gather"][1] += t.numel() * t.element_size()
-        return dist.all_gather(out, t, **kw)
+        return self._timed("all_gather", t, dist.all_gather, out, t, **kw)
 
     def all_reduce(self, t, **kw):
-        self.calls["all_reduce"][0] += 1
-        self.calls["all_reduce"][1] += t.numel() * t.element_size()
-        return dist.all_reduce(t, **kw)
+        return self._timed("all_reduce", t, dist.all_reduce, t, **kw)
 
 
 def _rank(rank, world, args):
@@ -60,8 +66,8 @@ def _rank(rank, world, args):
     counter = _CountingDist()
     for step in range(args.warmup + args.steps):
         for name, m in ddp.items():
-            if name == "sync_bn on" and step == args.warmup:
-                sync_bn.dist = counter  # count one measured step's collectives
+            if name == "sync_bn on" and step >= args.warmup:
+                sync_bn.dist = counter  # count the measured steps' collectives
             dist.barrier()
             t0 = time.perf_counter()
             opts[name].zero_grad(set_to_none=True)
@@ -72,6 +78,7 @@ def _rank(rank, world, args):
             if step >= args.warmup:
                 times[name].append(dt)
     med = {k: torch.tensor([statistics.median(v)]) for k, v in times.items()}
+    coll_ms = counter.seconds * 1e3 / args.steps
     for v in med.values():
         dist.all_reduce(v, op=dist.ReduceOp.MAX)  # a step takes as long as the slowest rank
     if rank == 0:
@@ -86,9 +93,11 @@ def _rank(rank, world, args):
         print(f"{'variant':<12} {'ms/step':>9} {'vs off':>7}")
         for r in rows:
             print(f"{r[0]:<12} {r[1]:9.1f} {r[2]:7.3f}")
-        ag, ar = counter.calls["all_gather"], counter.calls["all_reduce"]
+        ag = [v // args.steps for v in counter.calls["all_gather"]]
+        ar = [v // args.steps for v in counter.calls["all_reduce"]]
         print(f"sync BN collectives per step (counted): {ag[0]} all_gather of {ag[1]} B/rank, "
-              f"{ar[0]} all_reduce of {ar[1]} B/rank; {n_bn} BN layers of C={C}")
+              f"{ar[0]} all_reduce of {ar[1]} B/rank; {n_bn} BN layers of C={C}; rank 0 spent "
+              f"{coll_ms:.1f} ms/step inside them (mean; includes waiting for the other ranks)")
         print(f"nn.SyncBatchNorm per step (torch/nn/modules/_functions.py): {n_bn} all_gather of "
               f"{n_bn * (2 * C + 1) * 4} B/rank ([mean, invstd, count]), {n_bn} all_reduce of {n_bn * 2 * C * 4} B/rank "
               f"([sum dy, sum dy*xmu]); DDP's gradient all_reduce: {params * 4} B/rank")
