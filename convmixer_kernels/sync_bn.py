@@ -15,7 +15,7 @@ backward  ONE all_reduce of 2C floats before dt is formed:
           conv-act-BN     : its BN apply is a per-channel affine z = scale*g + shift (applied by the next
                             depthwise block's load, or in one elementwise pass), so autograd brings back
                             dL/d(global mean) and dL/d(global rstd); these are -gamma*rstd*sum dy and
-                            -gamma*sum dy*ghat/rstd, i.e. [sum dy, sum dy*ghat] per channel up to a factor
+                            gamma*sum dy*ghat/rstd, i.e. [sum dy, sum dy*ghat] per channel up to a factor
                             every rank knows. They are all_reduced (as the gradients of the global mean and
                             variance) and mapped back onto the local statistics by the derivative of the
                             merge, d mean/d mean_r = M_r/M, d var/d mean_r = 2*M_r*(mean_r - mean)/M,
@@ -26,8 +26,6 @@ M_r = 0) and returns an empty output. sync_bn without an initialized process gro
 silent local fallback): call torch.distributed.init_process_group first, or build without sync_bn.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -103,6 +103,7 @@ def plot(path, losses_per_rank, accs, args, world):
     a.legend()
     b.plot(range(1, len(accs) + 1), accs, "o-")
     b.set_xlabel("epoch")
+    b.set_xticks(range(1, len(accs) + 1))
     b.set_ylabel("test accuracy, % (rank 0, eval mode)")
     mode = ", ".join(m for m, on in (("AMP", args.amp), ("sync BN", args.sync_bn)) if on) or "fp32"
     fig.suptitle(f"fused ConvMixer-{args.dim}/{args.depth} on digits, DDP x{world} ({args.device}; {mode})")

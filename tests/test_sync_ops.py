@@ -4,6 +4,7 @@ dw_block_backward with the global means dy_means. Each against float64 by the nu
 opcheck; and the synchronized blocks end to end under fp64 gradcheck in a 1-rank gloo group. (The
 multi-rank behaviour is tests/test_distributed.py.)"""
 import datetime
+import os
 
 import pytest
 import torch
@@ -29,7 +30,6 @@ def _device(backend):
 
 
 def _interpreting():
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
