@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .sync_bn import SyncedStats, check_global_count, empty_in_graph, resolve_group, sync_group_of
+from .sync_bn import SyncedStats, check_global_count, empty_in_graph, resolve_group, sync_options
 from ._library import (PendingBN, autocast_inputs, bn_affine, bn_operands, check_act, check_block_input, check_training_count,
                        dense, is_channels_last, op, qualname, register_backend_dispatch, update_running_stats_)
 
@@ -165,10 +165,9 @@ def conv_act_bn_modules(conv: nn.Conv2d, act: str, bn: nn.BatchNorm2d, x: torch.
                         backend: str = "auto", defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
     """The fused equivalent of ``bn(act(conv(x)))`` for modules the converter has validated (an
     nn.SyncBatchNorm syncs over its process group)."""
-    group = sync_group_of(bn)
     return conv_act_bn(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                        bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, act, conv.stride[0],
-                       backend=backend, defer_bn=defer_bn, sync_bn=group is not False, process_group=group or None)
+                       backend=backend, defer_bn=defer_bn, **sync_options(bn))
 
 
 # --- module -----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .sync_bn import SyncedDepthwiseBlock, check_global_count, resolve_group, sync_group_of
+from .sync_bn import SyncedDepthwiseBlock, check_global_count, resolve_group, sync_options
 from ._library import (ACT_CODES, PendingBN, acc_dtype, autocast_inputs, bn_operands, check_act, check_block_input,
                        check_training_count, dense, op, qualname, register_backend_dispatch,
                        update_running_stats_)
@@ -175,10 +175,9 @@ class FusedDepthwiseBlock(nn.Module):
     def forward(self, x: Union[torch.Tensor, PendingBN]) -> torch.Tensor:
         """A BN child that is an nn.SyncBatchNorm syncs over its process group."""
         conv, bn = self.fn[0], self.fn[2]
-        group = sync_group_of(bn)
         return dw_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                         bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.act, self.backend,
-                        sync_bn=group is not False, process_group=group or None)
+                        **sync_options(bn))
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}, backend={self.backend!r}"

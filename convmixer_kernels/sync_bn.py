@@ -190,13 +190,13 @@ class SyncBatchNorm2d(torch.nn.BatchNorm2d):
                            "and is run by that module; outside one, use nn.SyncBatchNorm")
 
 
-def sync_group_of(bn):
-    """The process group a fused module's BN child syncs over (None: the default group) when it is a
-    SyncBatchNorm2d or an nn.SyncBatchNorm (timm's --sync-bn, convert_sync_batchnorm); False: no sync."""
+def sync_options(bn) -> dict:
+    """The sync_bn/process_group arguments of the fused op that runs `bn`: synchronized when it is a
+    SyncBatchNorm2d or an nn.SyncBatchNorm (timm's --sync-bn, convert_sync_batchnorm), over its group."""
     if isinstance(bn, (SyncBatchNorm2d, torch.nn.SyncBatchNorm)):
-        return bn.process_group
-    return False
+        return dict(sync_bn=True, process_group=bn.process_group)
+    return dict(sync_bn=False, process_group=None)
 
 
 __all__ = ["SyncBatchNorm2d", "SyncedStats", "SyncedDepthwiseBlock", "empty_in_graph", "gather_merge_stats",
-           "resolve_group", "sync_group_of"]
+           "resolve_group", "sync_options"]

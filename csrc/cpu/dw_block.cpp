@@ -683,12 +683,14 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         acc_t* T = s.batch.data();
         acc_t* dyb = s.aux.data();
 
-        // Pass 1: recompute t into the scratch, reduce sum(dy) and sum(dy * ghat).
+        // Pass 1: recompute t into the scratch, reduce sum(dy) and sum(dy * ghat) (not with dy_means: a
+        // synchronized BN's reduce op already formed them).
         double sdy[VL] = {0}, sdyg[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
           acc_t* tn = T + n * len;
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), tn);
+          if (dmp) continue;
           gather_plane<scalar_t, acc_t, CL>(g, dyp, n, group, dyb);
           acc_t p1[VL] = {0}, p2[VL] = {0};
           for (int64_t e = 0; e < len; e += VL)
@@ -709,14 +711,17 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         }
         // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat) over the
         // batch (this call's, or the global batch's from dy_means under synchronized BN).
-        const auto gm1 = group_lanes<acc_t, CL>(g, dmp ? dmp : rstdp, group);
-        const auto gm2 = group_lanes<acc_t, CL>(g, dmp ? dmp + g.C : rstdp, group);
         acc_t a[VL], c1[VL], c2[VL];
         for (int l = 0; l < VL; ++l) {
           const int lc = CL ? l : 0;
           a[l] = ga[l] * rs[l];
-          c1[l] = !batch_stats ? acc_t(0) : dmp ? gm1[l] : static_cast<acc_t>(sdy[lc] / static_cast<double>(M));
-          c2[l] = !batch_stats ? acc_t(0) : dmp ? gm2[l] : static_cast<acc_t>(sdyg[lc] / static_cast<double>(M));
+          c1[l] = batch_stats ? static_cast<acc_t>(sdy[lc] / static_cast<double>(M)) : acc_t(0);
+          c2[l] = batch_stats ? static_cast<acc_t>(sdyg[lc] / static_cast<double>(M)) : acc_t(0);
+        }
+        if (dmp) {
+          const auto m1 = group_lanes<acc_t, CL>(g, dmp, group), m2 = group_lanes<acc_t, CL>(g, dmp + g.C, group);
+          std::copy(m1.begin(), m1.end(), c1);
+          std::copy(m2.begin(), m2.end(), c2);
         }
 
         // Pass 2: dt, db, dw, dx.
