@@ -7,8 +7,13 @@
 #                AMP (fp16/bf16 CUDA autocast, whole models) and a 1-GPU DDP smoke test of
 #                examples/train_ddp.py --amp --sync-bn (NCCL)                -> appended to pytest.log
 #   3. memcheck: compute-sanitizer on a tiny script through the `cuda` backend, when built -> memcheck.log
-#   4. bench:    benchmarks/bench_gpu.py (blocks at ConvMixer-1536/20 and -768/32 shapes) -> bench.log,
-#                bench_gpu.csv, bench_gpu.json (ceilings, target ratios, triton-vs-cuda winners)
+#                (the same log also gets the cross-layer benchmark: bench_cross_layer.py --device cuda)
+#   4. bench:    python -m convmixer_kernels bench, its CUDA profile (the blocks at ConvMixer-1536/20 and
+#                -768/32 shapes; convmixer_kernels/benchmark.py) -> bench.log, bench_cuda.csv,
+#                bench_cuda.json (ceilings, target ratios, triton-vs-cuda winners); no plots
+#   5. inspect:  python -m convmixer_kernels inspect (static report of the CUDA kernels, sm_90; its nvcc
+#                compile starts in the background after the build) with --measured bench_cuda.csv:
+#                measured / static per kernel                                 -> inspect.log
 # then prints a short summary LAST. env.log: nvidia-smi, versions, the summary again. 8 files at most.
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        (default: $OUT if set, else ./gpu_out)
@@ -19,7 +24,7 @@
 # BENCH_MIN_S, BENCH_TUNE (autotune configs kept per Triton kernel in the benchmark; default 1, "all"
 # for every config: every config of every kernel compiles once per dtype/shape/act, and a k=9
 # depthwise kernel took 15-60 s to compile on the 2-core dev machine), BENCH_ARGS (extra
-# bench_gpu.py arguments), PYTHON, SKIP_STEPS (e.g. "build pytest": steps not to run),
+# `python -m convmixer_kernels bench` arguments), PYTHON, SKIP_STEPS (e.g. "build pytest": steps not to run),
 # GPU_CHECK_FORCE=1 (run without a GPU: only to test this script's flow, with BENCH_ARGS=--dry-run).
 set -u
 START=$(date +%s)
@@ -34,6 +39,8 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-140}
 VERIFY_TIMEOUT=${VERIFY_TIMEOUT:-60}
 MEMCHECK_TIMEOUT=${MEMCHECK_TIMEOUT:-45}
 AMP_DDP_TIMEOUT=${AMP_DDP_TIMEOUT:-90}
+CROSS_TIMEOUT=${CROSS_TIMEOUT:-45}
+INSPECT_S=${INSPECT_S:-60}
 BENCH_MIN_S=${BENCH_MIN_S:-60}
 BENCH_TUNE=${BENCH_TUNE:-1}
 SKIP_STEPS=${SKIP_STEPS:-}
@@ -96,10 +103,15 @@ run_step build "$BUILD_TIMEOUT" "$OUTDIR/build.log" "$PY" -m pip install -v --no
 "$PY" -m convmixer_kernels info >> "$OUTDIR/build.log" 2>&1
 note "$(grep -E '^\s+(triton|cuda) ' "$OUTDIR/build.log" | awk '{printf "%s=%s ", $1, $2}')"
 
-# 2. tests (the AOT compile test is for GPU-less machines: skipped here) and the numerics report
+# the static report's nvcc compile (sm_90 cubins, cached by source digest) runs while the tests do
+INSPECT_DIR=/tmp/cmk_inspect
+( "$PY" -m convmixer_kernels inspect --arch 90 --no-triton --dtypes bf16 --out "$INSPECT_DIR" > /tmp/cmk_inspect_pre.log 2>&1 ) &
+INSPECT_PID=$!
+
+# 2. tests (the AOT/SASS compile tests are for GPU-less machines: skipped here) and the numerics report
 : > "$OUTDIR/pytest.log"
 run_step pytest "$TEST_TIMEOUT" "$OUTDIR/pytest.log" "$PY" -m pytest -q -ra -p no:cacheprovider --durations=15 \
-  --ignore=tests/test_triton_aot.py tests/
+  --ignore=tests/test_triton_aot.py --ignore=tests/test_cuda_sass.py tests/
 note "$(grep -E '(passed|failed|error)' "$OUTDIR/pytest.log" | grep -E ' in [0-9.]+s' | tail -1)"
 : > "$OUTDIR/verify.log"
 run_step verify "$VERIFY_TIMEOUT" "$OUTDIR/verify.log" "$PY" -m convmixer_kernels verify --device cuda
@@ -166,14 +178,26 @@ else
 fi
 rm -f "$TINY"
 
-# 4. benchmarks: whatever time is left (budget inside the script, so it writes its CSV before the cap)
+# 4. benchmarks: cross-layer fusion on/off, then whatever time is left but the inspect step's (budget
+#    inside the script, so it writes its CSV before the cap)
 : > "$OUTDIR/bench.log"
-L=$(left); BT=$(( L - 15 )); [ "$BT" -lt "$BENCH_MIN_S" ] && BT=$BENCH_MIN_S
+run_step cross_layer "$CROSS_TIMEOUT" "$OUTDIR/bench.log" "$PY" benchmarks/bench_cross_layer.py --device cuda --reps 5
+note "$(grep -E '^(train|eval)' "$OUTDIR/bench.log" | awk '{printf "%s %s ", $1, $NF}')"
+L=$(left); BT=$(( L - 15 - INSPECT_S )); [ "$BT" -lt "$BENCH_MIN_S" ] && BT=$BENCH_MIN_S
 BUDGET=$(( BT - 45 )); [ "$BUDGET" -lt 30 ] && BUDGET=30
 CAP=$(( BUDGET / 3 )); [ "$CAP" -gt 150 ] && CAP=150
-CLAMP=0 run_step bench "$BT" "$OUTDIR/bench.log" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR" --budget-s "$BUDGET" \
-  --compile-timeout-s "$CAP" --tune "$BENCH_TUNE" ${BENCH_ARGS:-}
+CLAMP=0 run_step bench "$BT" "$OUTDIR/bench.log" "$PY" -m convmixer_kernels bench --no-verify --no-plots \
+  --out "$OUTDIR" --budget-s "$BUDGET" --compile-timeout-s "$CAP" --tune "$BENCH_TUNE" ${BENCH_ARGS:-}
 note "budget ${BUDGET}s, max-autotune cap ${CAP}s, tune=$BENCH_TUNE"
+
+# 5. the static report, with measured / static for the kernels the benchmark times alone
+: > "$OUTDIR/inspect.log"
+for _ in $(seq 1 "$INSPECT_S"); do kill -0 "$INSPECT_PID" 2>/dev/null || break; sleep 1; done  # bounded wait
+kill "$INSPECT_PID" 2>/dev/null
+cat /tmp/cmk_inspect_pre.log >> "$OUTDIR/inspect.log" 2>/dev/null
+run_step inspect "$INSPECT_S" "$OUTDIR/inspect.log" "$PY" -m convmixer_kernels inspect --arch 90 --no-triton \
+  --dtypes bf16,fp16 --layouts channels_last --out "$INSPECT_DIR" --measured "$OUTDIR/bench_cuda.csv"
+note "$(grep -c 'measured/static' "$OUTDIR/inspect.log") measured/static rows"
 
 # summary (last)
 {
@@ -181,8 +205,9 @@ note "budget ${BUDGET}s, max-autotune cap ${CAP}s, tune=$BENCH_TUNE"
   echo "== gpu_check summary ($(( $(date +%s) - START ))s total; logs in $OUTDIR)"
   printf "%-9s %-5s %6s  %s\n" step rc secs note
   for i in "${!NAMES[@]}"; do printf "%-9s %-5s %6s  %s\n" "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"; done
-  grep -E '^\[bench_gpu\] ceilings' "$OUTDIR/bench.log" | tail -1
-  sed -n '/^\[bench_gpu\] target ratios:/,/^\[bench_gpu\] measured winners/p' "$OUTDIR/bench.log" | cut -c1-400
+  grep -E '^\[bench\] ceilings' "$OUTDIR/bench.log" | tail -1
+  sed -n '/^\[bench\] target ratios:/,/^\[bench\] measured winners/p' "$OUTDIR/bench.log" | cut -c1-400
+  grep -E 'measured/static' "$OUTDIR/inspect.log" | cut -c1-200
   if grep -qE '^(FAILED|ERROR) ' "$OUTDIR/pytest.log"; then
     echo "-- pytest failures (first 10):"; grep -E '^(FAILED|ERROR) ' "$OUTDIR/pytest.log" | head -10 | cut -c1-300
   fi

@@ -4,8 +4,9 @@ the DESIGN.md section 4 rule (tests/numerics.py checks the output, every gradien
 Runs on the CPU under TRITON_INTERPRET=1 (set below before triton is imported) on tiny shapes: the
 interpreter runs programs one by one, so the parametrizations are chosen, not crossed exhaustively.
 bf16 is not covered here: the interpreter computes through numpy, which has no bfloat16 (the GPU check
-covers it). Interpreter tile sizes: depthwise 32 pixels x 16 channels, GEMM 32 rows x 16 x 16, so
-C = 3, 5, 20, 130 and H = W = 1, 7, 9 all leave tile remainders.
+covers it). Interpreter tile sizes: depthwise 4 x 8 pixels (rows x columns) x 16 channels, GEMM 32 rows
+x 16 x 16, so C = 3, 5, 20, 130, H = W = 1, 7, 9 and the rectangular 5 x 11 / 11 x 5 images all leave
+tile remainders.
 """
 import copy
 import os
@@ -92,6 +93,16 @@ def test_dw_odd_shapes(C, HW, k, layout):
     p = params("dw", C, k=k)
     tri("dw", make_x((2 if HW == 1 else 1, C, HW, HW), torch.float32, layout), p, True, "gelu")
     tri("dw", make_x((1, C, HW, HW), torch.float32, layout), p, False, "relu")  # N=1 in eval
+
+
+@pytest.mark.parametrize("HW,k,layout", (((5, 11), 7, "channels_last"), ((11, 5), 9, "nchw"),
+                                         ((3, 17), 4, "channels_last")))
+def test_dw_rectangular_images(HW, k, layout):
+    """H != W, neither a multiple of the 4 x 8 pixel tile, and the kernel larger than a side (k > H or W):
+    the tile row/column masks and the zero padding of the 2D pixel tiles."""
+    p = params("dw", 5, k=k)
+    tri("dw", make_x((2, 5) + HW, torch.float32, layout), p, True, "gelu")
+    tri("dw", make_x((1, 5) + HW, torch.float32, layout), p, False, "gelu_tanh")
 
 
 @pytest.mark.parametrize("variant", ("momentum_none", "affine_off", "no_running_stats"))

@@ -48,9 +48,19 @@ if INTERPRET:
     _DZ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     GEMM_BLOCK_M = 32
 else:  # Hopper/Ampere tensor-core tiles
+    # BLOCK_M = GEMM_BLOCK_M = 128 rows (fixed). Kept: the configs that compile with no stack/local memory
+    # (tests/test_triton_aot.py, swept over the modes, P = 1/7, sm_90/sm_80). Dropped: 128x256x32 w8
+    # (255 registers + 184-1,016 B of stack in 16 bit), 128x128x32 and 128x128x64 w8 (96 B in the apply
+    # epilogue, 16 B in the stem's statistics epilogue): the 128-row fp32 accumulator plus the epilogue
+    # tensors do not fit. 16-bit operands (tensor cores):
+    _GEMM_CONFIGS_16 = [(64, 32, 4, 4),   # 128x64 tile, BLOCK_K 32, 4 stages: the deep-pipeline default
+                        (64, 64, 4, 3)]   # 128x64 tile, BLOCK_K 64: half the K iterations for Cin >= 256
+    # fp32 operands (input_precision="ieee": FMA, operands in registers; every 16-bit config spills
+    # 88-1,176 B here) and fp64 (multiply-sum): narrow tiles only.
+    _GEMM_CONFIGS_32 = [(32, 32, 4, 3),   # 128x32 tile: 32 accumulator registers per thread
+                        (32, 16, 4, 3)]   # 128x32, BLOCK_K 16: the smallest operand footprint (stem P=7)
     _GEMM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                     for n, k, w, s in ((64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-                                        (256, 32, 8, 3))]
+                     for n, k, w, s in _GEMM_CONFIGS_16 + _GEMM_CONFIGS_32]
     _EW_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
                    for m, n, w in ((32, 64, 4), (64, 64, 8), (16, 128, 4), (128, 32, 8))]
     _DW_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -61,6 +71,23 @@ else:  # Hopper/Ampere tensor-core tiles
                                          (128, 64, 64, 4, 3))]
     GEMM_BLOCK_M = 128  # fixed (not tuned): the training statistics partials are per BLOCK_M row tile
 _KEY = ["N", "Cin", "Ho", "Wo", "Cout", "P"]
+
+
+def _prune_gemm_configs(configs, nargs, **kwargs):
+    """prune_configs_by of _cab_gemm_kernel: the 16-bit config list for fp16/bf16 inputs, the fp32 list for
+    fp32/fp64 (see _GEMM_CONFIGS_16/_32); then drop BLOCK_N beyond next_pow2(Cout) unless nothing is left."""
+    if INTERPRET or len(configs) <= 1:
+        return configs
+    wide = nargs["x_ptr"].dtype in (torch.float32, torch.float64)
+    pool = set(_GEMM_CONFIGS_32 if wide else _GEMM_CONFIGS_16)
+    mine = [c for c in configs
+            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in pool] or configs
+    cout = nargs.get("Cout", kwargs.get("Cout"))
+    fit = [c for c in mine if cout is None or c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(cout))]
+    return fit or mine
+
+
+_GEMM_PRUNE = {"early_config_prune": _prune_gemm_configs}
 
 
 # --- device helpers ---------------------------------------------------------------------------------
@@ -98,7 +125,7 @@ def _mma(a, b, acc, USE_DOT: tl.constexpr, ACC: tl.constexpr):
 
 # --- forward ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=_KEY + ["MODE"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=_KEY + ["MODE"], prune_configs_by=_GEMM_PRUNE)
 @triton.jit
 def _cab_gemm_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr, t_ptr, part_ptr,
                      N, Cin, H, W, Ho, Wo, Cout, Kd, sxn, sxc, sxh, sxw, son, soc, soh, sow,

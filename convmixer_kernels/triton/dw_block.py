@@ -2,12 +2,34 @@
 with u = x, or u = in_scale[c]*x + in_shift[c] when the previous pointwise block's BN apply is folded
 into this block's loads (AFFINE; zero padding is of u, so out-of-image taps stay 0).
 
-Tiling: a program (or one loop iteration of a reduction program) owns a "tile" = BLOCK_P consecutive
-pixels (h*W + w) of one image n x BLOCK_C channels. All addressing goes through the tensors' strides,
-so NCHW and channels_last share the kernels; in channels_last (the GPU fast path) the channel axis has
-stride 1 and Triton's stride-1 specialization vectorizes the loads along it. The k x k halo of a tile
-is read through the cache (each tap is a shifted, masked load of the same tile). Offsets are int64
-across images (n * stride_n); within one image they are int32 (the launchers check C*H*W < 2^31).
+Tiling: a program (or one loop iteration of a reduction program) owns a "tile" = a BLOCK_H x BLOCK_W
+block of pixels of one image n x BLOCK_C channels, held as a [BLOCK_H*BLOCK_W, BLOCK_C] tensor (pixel
+p -> row h0 + p // BLOCK_W, column w0 + p % BLOCK_W; power-of-two shifts). All addressing goes through
+the tensors' strides, so NCHW and channels_last share the kernels; in channels_last (the GPU fast path)
+the channel axis has stride 1 and Triton's stride-1 specialization vectorizes the loads along it (in
+NCHW the column stride is 1). The k x k halo of a tile is read through the L1 cache: each tap is a
+shifted, masked load of the tile. Offsets: the image base n * stride_n is one int64 scalar per tile;
+everything inside an image is int32 (the launchers check C*H*W < 2^31), computed once per tile, and a
+tap only adds the scalar shift (i-pl)*stride_h + (j-pl)*stride_w.
+
+Why the previous version spilled (sm_90 bf16 k=9, 64 pixels x 64 channels, 8 warps: 32 registers and a
+7,320-byte stack; the dt kernel 255 registers + stack): both tap loops were `tl.static_range`, so k*k = 81
+shifted [64, 64] tile loads, 81 per-tap weight loads, 81 sets of masks and 64-bit pointer tensors were
+unrolled into one basic block (821 ld.global, ~4,900 virtual registers in the PTX); the schedulers hoist
+the independent loads, ptxas cannot keep them live and spills. The backward dt kernel also kept the dw
+partials as a [KK_PAD, BLOCK_C] register tensor updated with a where() over all KK_PAD rows per tap.
+The weights were also read per tap as w[c*k*k + tap]: k*k apart across the channels, one scalar load
+per channel per tap (8 per thread per tap in bf16), all hoisted and live.
+Now: the stencil-row loop (i) is a real loop (scf.for, not unrolled) and only the k taps of one row are
+unrolled, so at most k tile loads are in flight (the dt kernel, with more live state, runs one tap at a
+time); the launchers pass the weights tap-major, (k*k, C), so a tap's weights are one stride-1 vector
+load; each program's dw partials live in its own [k*k, C] block of the [splits, k*k, C] partial buffer
+(zeroed by the program, read-modify-written per tap in program order, a barrier per tile orders the
+threads: deterministic, no atomics), so nothing k*k-sized is in registers. Each config holds 8 tile
+elements per thread (see _CONFIGS). Result (AOT, k = 7/9): sm_90 bf16 channels_last apply kernel 64-100
+registers, 0 stack; every depthwise kernel, config, dtype, layout and target at most 32 bytes of stack:
+the few nonzero frames (8-32 B) sit exactly at ptxas's occupancy breakpoints (64/72/80/96/128 registers),
+where ptxas itself trades a register or two of spill for one more resident CTA per SM.
 
 Passes:
   eval forward     : _dw_forward_apply_kernel (conv + bias + act + BN affine + residual), one pass.
@@ -32,33 +54,82 @@ import triton.language as tl
 from .common import (INTERPRET, act_backward, act_forward, acc_dtype, check_activation, check_per_channel,
                      finalize_stats, memory_format_of, new_output, num_programs_hint, sum_rows, tile_moments, tl_acc, welford_merge)
 
+
+def _cfg(bh, bw, bc, warps):
+    return triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc}, num_warps=warps, num_stages=1)
+
+
 if INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16}, num_warps=1)]
-else:  # Hopper/Ampere: memory-bound; channel blocks of 32-64 fp32/bf16 lanes, 4-8 warps.
-    _CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-                for p, c, w in ((32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (128, 32, 8), (16, 128, 4))]
+    _CONFIGS = [_cfg(4, 8, 16, 1)]
+else:
+    # Hopper/Ampere: memory/L1-bound stencils, no tensor cores. Every config holds
+    # BLOCK_H*BLOCK_W*BLOCK_C / (32*warps) = 8 tile elements per thread, which with the k loads of one stencil
+    # row in flight (apply/stats/reduce/dx) or one tap at a time (dt) compiles to <= 170 registers and <= 32
+    # bytes of stack (0 for the apply kernel at sm_90 bf16 channels_last) at k <= 9 for sm_90/sm_80,
+    # fp32/fp16/bf16, both layouts (swept; tests/test_triton_aot.py asserts the bound). Configs with 16
+    # elements per thread were dropped: ptxas caps them at 128 registers (its occupancy heuristic) and
+    # spills 16-48 bytes. num_stages=1: no tl.dot, nothing for the software pipeliner to stage (the halo
+    # loads are L1 hits); staging them through shared memory would only cost registers and smem.
+    _CONFIGS = [
+        # (4, 8, 32, 4 warps) was dropped too: at k=7 bf16 channels_last it lands on ptxas's 72-register
+        # breakpoint with an 8-byte stack; small-C channels_last problems use 8x8x32 below instead.
+        _cfg(4, 8, 64, 8),    # channels_last default: 32 px x 64 ch (bf16: 128 B per pixel = one line)
+        _cfg(8, 8, 32, 8),    # squarer 2D tile, less halo re-read ((8+k-1)^2 / 64 px); C = 32..64
+        _cfg(2, 8, 128, 8),   # wide channel blocks for C >= 128 (ConvMixer 256..1536): 256 B per pixel
+        _cfg(4, 16, 16, 4),   # NCHW, W <= 16: 16 stride-1 columns x 4 rows x 16 channels
+        _cfg(4, 32, 16, 8),   # NCHW, W >= 32 (ConvMixer 32x32): 32 stride-1 columns (128 B fp32 rows)
+    ]
 _KEY = ["N", "C", "H", "W", "K"]
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """prune_configs_by: drop configs whose tile is far larger than the problem (channel block beyond
+    next_pow2(C), tile width/height beyond next_pow2(W/H)), and in NCHW (unit column stride) those
+    with fewer than 16 stride-1 columns, in channels_last those with fewer than 32 stride-1 channels,
+    unless nothing else fits. Never returns an empty list (falls back to the smallest tile)."""
+    args = dict(nargs, **kwargs)
+    C, H, W = args["C"], args["H"], args["W"]
+    nchw = args.get("sxw") == 1 and args.get("sxc") != 1
+    fit = [c for c in configs if c.kwargs["BLOCK_C"] <= max(16, triton.next_power_of_2(C))
+           and c.kwargs["BLOCK_W"] <= max(8, triton.next_power_of_2(W))
+           and c.kwargs["BLOCK_H"] <= max(4, triton.next_power_of_2(H))]
+    if nchw:
+        pref = [c for c in fit if c.kwargs["BLOCK_W"] >= min(16, triton.next_power_of_2(W))]
+    else:
+        pref = [c for c in fit if c.kwargs["BLOCK_C"] >= min(32, triton.next_power_of_2(C))]
+    keep = pref or fit
+    if not keep:
+        keep = [min(configs, key=lambda c: c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"] * c.kwargs["BLOCK_C"])]
+    return keep
+
+
+_PRUNE = {"early_config_prune": _prune_configs}
 
 
 # --- device helpers ---------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_coords(tile, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, pid_c):
-    # tile -> (image n, pixel offsets hw, rows h, cols w, channel offsets c, masks)
-    tiles_per_img = tl.cdiv(H * W, BLOCK_P)
-    n = tile // tiles_per_img
-    hw = (tile % tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _tile_coords(tile, H, W, C, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, pid_c):
+    # tile -> (image n (int64), rows h, cols w of the BLOCK_H x BLOCK_W pixel block (int32, flattened to
+    # BLOCK_H*BLOCK_W), channel offsets c, pixel mask, channel mask)
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    tiles_img = tl.cdiv(H, BLOCK_H) * tiles_w
+    n = tile // tiles_img
+    r = tile % tiles_img
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    h = (r // tiles_w) * BLOCK_H + p // BLOCK_W
+    w = (r % tiles_w) * BLOCK_W + p % BLOCK_W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    return n.to(tl.int64), hw, hw // W, hw % W, c, hw < H * W, c < C
+    return n.to(tl.int64), h, w, c, (h < H) & (w < W), c < C
 
 
 @triton.jit
-def _split_tiles(N, H, W, BLOCK_P: tl.constexpr):
+def _split_tiles(N, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # Reduction programs (grid: splits x channel blocks): program s owns the contiguous tile range
-    # [start, end) of the N * cdiv(H*W, BLOCK_P) pixel tiles -> (s, splits, start, end)
+    # [start, end) of the N * cdiv(H, BLOCK_H) * cdiv(W, BLOCK_W) pixel tiles -> (s, splits, start, end)
     pid_s = tl.program_id(0)
     splits = tl.num_programs(0)
-    total = N * tl.cdiv(H * W, BLOCK_P)
+    total = N * tl.cdiv(H, BLOCK_H) * tl.cdiv(W, BLOCK_W)
     per = tl.cdiv(total, splits)
     start = pid_s * per
     return pid_s, splits, start, tl.minimum(start + per, total)
@@ -84,64 +155,88 @@ def _load_u(ptrs, mask, scale, shift, AFFINE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _dw_conv_tile(x_ptr, scale, shift, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
-                  K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-    # t[p, c] = b[c] + sum_{i,j} w[c,0,i,j] * u[n, c, h+i-pl, w+j-pl]   (zero padding, pl = (k-1)//2)
+def _offsets(h, w, c, sc, sh, sw):
+    # int32 offsets of the tile's elements within one image: [pixels, channels]
+    return (h * sh + w * sw)[:, None] + (c * sc)[None, :]
+
+
+@triton.jit
+def _dw_conv_tile(x_img, scale, shift, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw,
+                  K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, ROW_UNROLL: tl.constexpr):
+    # t[p, c] = b[c] + sum_{i,j} w[c,0,i,j] * u[n, c, h+i-pl, w+j-pl]   (zero padding of u, pl = (k-1)//2)
+    # ROW_UNROLL: i is a runtime loop and the k taps of one stencil row are unrolled (k loads in flight);
+    # else one runtime loop over the k*k taps (one load in flight: for kernels with more live state).
+    # x_img = x + n*stride_n; w_ptr: tap-major weights, w[c, 0, i, j] at (i*k + j)*C + c.
     PL: tl.constexpr = (K - 1) // 2
-    base = x_ptr + n * sxn + c[None, :] * sxc
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-    for i in tl.static_range(K):
-        hi = h + (i - PL)
-        row_ok = p_ok & (hi >= 0) & (hi < H)
-        for j in tl.static_range(K):
-            wj = w + (j - PL)
-            ok = row_ok & (wj >= 0) & (wj < W)
-            xv = _load_u(base + (hi * sxh + wj * sxw)[:, None], ok[:, None] & c_ok[None, :], scale, shift, AFFINE, ACC)
-            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0)
-            acc += xv * wv.to(ACC)[None, :]
+    off = _offsets(h, w, c, sxc, sxh, sxw)
+    acc = tl.zeros(off.shape, dtype=ACC) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    w_c = w_ptr + c
+    if ROW_UNROLL:
+        for i in range(K):
+            hi = h + (i - PL)
+            row_ok = p_ok & (hi >= 0) & (hi < H)
+            row = x_img + (off + (i - PL) * sxh)
+            for j in tl.static_range(K):
+                wj = w + (j - PL)
+                ok = (row_ok & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
+                xv = _load_u(row + (j - PL) * sxw, ok, scale, shift, AFFINE, ACC)
+                wv = tl.load(w_c + (i * K + j) * C, mask=c_ok, other=0.0).to(ACC)
+                acc += xv * wv[None, :]
+    else:
+        for tap in range(K * K):
+            di = tap // K - PL
+            dj = tap % K - PL
+            hi = h + di
+            wj = w + dj
+            ok = (p_ok & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
+            xv = _load_u(x_img + (off + (di * sxh + dj * sxw)), ok, scale, shift, AFFINE, ACC)
+            wv = tl.load(w_c + tap * C, mask=c_ok, other=0.0).to(ACC)
+            acc += xv * wv[None, :]
     return acc
 
 
 # --- forward ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_forward_apply_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr,
                              rstd_ptr, y_ptr, N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                              K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # y = u + A[c]*act(t) + B[c],  A = gamma*rstd, B = beta - mean*A   (eval, and training's apply pass)
-    n, hw, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y = u + A[c]*act(t) + B[c],  A = gamma*rstd, B = beta - mean*A,  t = b + dwconv_k(u)
+    # (eval, and training's apply pass); grid: (N * tiles per image, channel blocks)
+    n, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
-    t = _dw_conv_tile(x_ptr, isc, ish, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, AFFINE, ACC,
-                      BLOCK_P, BLOCK_C)
+    x_img = x_ptr + n * sxn
+    t = _dw_conv_tile(x_img, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K, AFFINE, ACC,
+                      True)
     g = act_forward(t, ACT)
     scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     shift = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
     ok = p_ok[:, None] & c_ok[None, :]
-    xv = _load_u(x_ptr + n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None], ok, isc, ish, AFFINE, ACC)
+    xv = _load_u(x_img + _offsets(h, w, c, sxc, sxh, sxw), ok, isc, ish, AFFINE, ACC)
     y = xv + g * scale[None, :] + shift[None, :]
-    tl.store(y_ptr + n * syn + c[None, :] * syc + (h * syh + w * syw)[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + n * syn + _offsets(h, w, c, syc, syh, syw), y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W,
                              sxn, sxc, sxh, sxw, K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
-                             ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # part[:, s, c] = (count, mean, M2) of g = act(t) over this program's tiles: per tile exact moments,
-    # merged tile by tile with Chan's rule (never E[g^2] - E[g]^2).
-    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
+                             ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    # part[:, s, c] = (count, mean, M2) of g = act(t), t = b + dwconv_k(u), over this program's tiles:
+    # per tile exact moments, merged tile by tile with Chan's rule (never E[g^2] - E[g]^2).
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     n_acc = tl.zeros([BLOCK_C], dtype=ACC)
     mean_acc = tl.zeros([BLOCK_C], dtype=ACC)
     m2_acc = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
-        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-        t = _dw_conv_tile(x_ptr, isc, ish, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, AFFINE,
-                          ACC, BLOCK_P, BLOCK_C)
+        n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
+        t = _dw_conv_tile(x_ptr + n * sxn, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K,
+                          AFFINE, ACC, True)
         g = act_forward(t, ACT)
         count = tl.sum(p_ok.to(ACC), axis=0)
         mean_b, m2_b = tile_moments(g, p_ok[:, None], count)
@@ -157,35 +252,36 @@ def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, pa
 # --- backward ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _ghat_tile(x_ptr, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw,
-               K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    # (t, ghat = (act(t) - mean) * rstd) with t recomputed from u
-    t = _dw_conv_tile(x_ptr, isc, ish, w_ptr, b_ptr, n, h, w, c, p_ok, c_ok, H, W, sxn, sxc, sxh, sxw, K, AFFINE, ACC,
-                      BLOCK_P, BLOCK_C)
+def _ghat_tile(x_img, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw,
+               K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
+               ROW_UNROLL: tl.constexpr):
+    # (t, ghat = (act(t) - mean) * rstd) with t = b + dwconv_k(u) recomputed
+    t = _dw_conv_tile(x_img, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K, AFFINE, ACC,
+                      ROW_UNROLL)
     mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
     rs = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     return t, (act_forward(t, ACT) - mu[None, :]) * rs[None, :]
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
                                N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
                                K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles (t recomputed)
-    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
+                               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles
+    # (ghat = (act(t) - mean)*rstd, t = b + dwconv_k(u) recomputed)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
-        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-        t, ghat = _ghat_tile(x_ptr, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
-                             sxn, sxc, sxh, sxw, K, ACT, AFFINE, ACC, BLOCK_P, BLOCK_C)
+        n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
+        t, ghat = _ghat_tile(x_ptr + n * sxn, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C,
+                             H, W, sxc, sxh, sxw, K, ACT, AFFINE, ACC, True)
         ok = p_ok[:, None] & c_ok[None, :]
-        dy = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
         sum_dy += tl.sum(dy, axis=0)
         sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
     c_ok = c < C
@@ -194,21 +290,23 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr,
     tl.store(part_ptr + splits.to(tl.int64) * C + offs, sum_dyg, mask=c_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rstd_ptr,
                            dbeta_ptr, dgamma_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H, W,
                            sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
                            K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
-                           TRAINING: tl.constexpr,
-                           KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                           TRAINING: tl.constexpr, KK_PAD: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # dt = gamma*rstd*(dy - c1 - ghat*c2) * act'(t)   (training: c1 = dbeta/M = sum(dy)/M,
     #                                                  c2 = dgamma/M = sum(dy*ghat)/M; eval: c1 = c2 = 0)
     # dt is stored (fp32/fp64 scratch, x's layout) for the dx pass; per program partials:
-    #   part_dw[s, c, i*k+j] = sum dt[n,c,h,w] * u[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
+    #   part_dw[s, i*k+j, c] = sum dt[n,c,h,w] * u[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
     #   eval only: part_dy[0|1, s, c] = sum dy | sum dy*ghat (dbeta, dgamma; training had its own pass).
+    # part_dw[s] is accumulated in place (zeroed first, then read-modify-write per tap, one barrier per
+    # tile): program s is its only writer and the order is fixed, so the result is deterministic.
     PL: tl.constexpr = (K - 1) // 2
-    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
@@ -219,80 +317,87 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_p
     else:
         c1 = tl.zeros([BLOCK_C], dtype=ACC)
         c2 = tl.zeros([BLOCK_C], dtype=ACC)
+    s64 = pid_s.to(tl.int64)
+    dw_c = part_dw_ptr + s64 * (K * K) * C + c  # this program's [k*k, C] (tap-major) partial block
     taps = tl.arange(0, KK_PAD)
-    dw_acc = tl.zeros([KK_PAD, BLOCK_C], dtype=ACC)
+    tl.store(dw_c[None, :] + taps[:, None] * C, tl.zeros([KK_PAD, BLOCK_C], dtype=ACC),
+             mask=(taps < K * K)[:, None] & c_ok[None, :])
+    tl.debug_barrier()
     db_acc = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
-        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
-        t, ghat = _ghat_tile(x_ptr, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, h, w, c, p_ok, c_ok, H, W,
-                             sxn, sxc, sxh, sxw, K, ACT, AFFINE, ACC, BLOCK_P, BLOCK_C)
+        n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
+        x_img = x_ptr + n * sxn
+        t, ghat = _ghat_tile(x_img, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W,
+                             sxc, sxh, sxw, K, ACT, AFFINE, ACC, False)
         ok = p_ok[:, None] & c_ok[None, :]
-        dy = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
         dt = a[None, :] * (dy - c1[None, :] - ghat * c2[None, :]) * act_backward(t, ACT)
         dt = tl.where(ok, dt, 0.0)
-        tl.store(dt_ptr + n * stn + c[None, :] * stc + (h * sth + w * stw)[:, None], dt, mask=ok)
+        tl.store(dt_ptr + n * stn + _offsets(h, w, c, stc, sth, stw), dt, mask=ok)
         db_acc += tl.sum(dt, axis=0)
         if not TRAINING:
             sum_dy += tl.sum(dy, axis=0)
             sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
-        base = x_ptr + n * sxn + c[None, :] * sxc
-        for i in tl.static_range(K):
-            hi = h + (i - PL)
-            row_ok = p_ok & (hi >= 0) & (hi < H)
-            for j in tl.static_range(K):
-                wj = w + (j - PL)
-                m = row_ok & (wj >= 0) & (wj < W)
-                xv = _load_u(base + (hi * sxh + wj * sxw)[:, None], m[:, None] & c_ok[None, :], isc, ish, AFFINE, ACC)
-                contrib = tl.sum(dt * xv, axis=0)
-                dw_acc += tl.where(taps[:, None] == i * K + j, contrib[None, :], 0.0)
+        off = _offsets(h, w, c, sxc, sxh, sxw)
+        for tap in range(K * K):  # runtime loop, one tap at a time: each tap ends in a cross-warp sum
+            di = tap // K - PL
+            dj = tap % K - PL
+            hi = h + di
+            wj = w + dj
+            m = (p_ok & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
+            xv = _load_u(x_img + (off + (di * sxh + dj * sxw)), m, isc, ish, AFFINE, ACC)
+            contrib = tl.sum(dt * xv, axis=0)
+            prev = tl.load(dw_c + tap * C, mask=c_ok, other=0.0)
+            tl.store(dw_c + tap * C, prev + contrib, mask=c_ok)
+        tl.debug_barrier()  # this tile's part_dw stores before the next tile's loads (other threads)
     c_ok = c < C
-    s64 = pid_s.to(tl.int64)
-    tl.store(part_dw_ptr + s64 * C * (K * K) + c[None, :] * (K * K) + taps[:, None], dw_acc,
-             mask=(taps < K * K)[:, None] & c_ok[None, :])
     tl.store(part_db_ptr + s64 * C + c, db_acc, mask=c_ok)
     if not TRAINING:
         tl.store(part_dy_ptr + s64 * C + c, sum_dy, mask=c_ok)
         tl.store(part_dy_ptr + splits.to(tl.int64) * C + s64 * C + c, sum_dyg, mask=c_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_scale_ptr, dx_ptr, part_ptr, N, C, H, W,
                            sdn, sdc, sdh, sdw, stn, stc, sth, stw, sxn, sxc, sxh, sxw,
-                           K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # du[n,c,h,w] = dy[n,c,h,w] + sum_{i,j} w[c,0,i,j] * dt[n,c,h-i+pl,w-j+pl]   (residual + conv_transpose)
     # dx = du, or with the input affine u = scale*x + shift: dx = scale*du and per program partials
     #   part[0, s, c] = sum du*x (d scale),  part[1, s, c] = sum du (d shift)
     PL: tl.constexpr = (K - 1) // 2
-    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_P)
+    pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     isc, _unused = _input_affine(in_scale_ptr, in_scale_ptr, c, c < C, AFFINE, ACC)
     sum_dux = tl.zeros([BLOCK_C], dtype=ACC)
     sum_du = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
-        n, hw, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_P, BLOCK_C, tl.program_id(1))
+        n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
         ok = p_ok[:, None] & c_ok[None, :]
-        acc = tl.load(dy_ptr + n * sdn + c[None, :] * sdc + (h * sdh + w * sdw)[:, None], mask=ok, other=0.0).to(ACC)
-        base = dt_ptr + n * stn + c[None, :] * stc
-        for i in tl.static_range(K):
+        acc = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
+        off = _offsets(h, w, c, stc, sth, stw)
+        dt_img = dt_ptr + n * stn
+        w_c = w_ptr + c  # tap-major weights
+        for i in range(K):  # runtime loop: k taps of one stencil row live at a time
             hi = h - (i - PL)
             row_ok = p_ok & (hi >= 0) & (hi < H)
+            row = dt_img + (off - (i - PL) * sth)
             for j in tl.static_range(K):
                 wj = w - (j - PL)
-                m = row_ok & (wj >= 0) & (wj < W)
-                dtv = tl.load(base + (hi * sth + wj * stw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
-                wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=c_ok, other=0.0).to(ACC)
+                m = (row_ok & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
+                dtv = tl.load(row - (j - PL) * stw, mask=m, other=0.0)
+                wv = tl.load(w_c + (i * K + j) * C, mask=c_ok, other=0.0).to(ACC)
                 acc += dtv.to(ACC) * wv[None, :]
-        x_offs = n * sxn + c[None, :] * sxc + (h * sxh + w * sxw)[:, None]
+        x_offs = _offsets(h, w, c, sxc, sxh, sxw)
         if AFFINE:
-            xv = tl.load(x_ptr + x_offs, mask=ok, other=0.0).to(ACC)
+            xv = tl.load(x_ptr + n * sxn + x_offs, mask=ok, other=0.0).to(ACC)
             sum_dux += tl.sum(tl.where(ok, acc * xv, 0.0), axis=0)
             sum_du += tl.sum(tl.where(ok, acc, 0.0), axis=0)
             acc = acc * isc[None, :]
-        tl.store(dx_ptr + x_offs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(dx_ptr + n * sxn + x_offs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
     if AFFINE:
         c_ok = c < C
         offs = pid_s.to(tl.int64) * C + c
@@ -332,14 +437,25 @@ def _splits(x: torch.Tensor, C: int) -> int:
     return max(1, min(tiles, triton.cdiv(num_programs_hint(x.device), c_blocks)))
 
 
+def _k_of(weight_taps: torch.Tensor) -> int:
+    return int(round(weight_taps.shape[0] ** 0.5))
+
+
+def _tap_major(weight: torch.Tensor) -> torch.Tensor:
+    # (C, 1, k, k) -> (k*k, C) contiguous: a tap's weights of a channel block are one stride-1 vector load
+    # (in the (C, k*k) layout they are k*k apart: one scalar load per channel per tap).
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
 def _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act):
-    """Training pass 1: (mean, rstd, var) of g = act(dwconv(u) + b) over the batch (biased var)."""
+    """Training pass 1: (mean, rstd, var) of g = act(dwconv(u) + b) over the batch (biased var).
+    weight: the (k*k, C) tap-major copy (_tap_major)."""
     N, C, H, W = x.shape
     S = _splits(x, C)
     acc = acc_dtype(x.dtype)
     parts = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
     _dw_forward_stats_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        x, in_scale, in_shift, weight, bias, parts, N, C, H, W, *x.stride(), K=weight.shape[2], ACT=act,
+        x, in_scale, in_shift, weight, bias, parts, N, C, H, W, *x.stride(), K=_k_of(weight), ACT=act,
         AFFINE=affine, ACC=tl_acc(x.dtype))
     mean = new_output(torch.empty(C, dtype=acc, device=x.device))
     rstd = new_output(torch.empty_like(mean))
@@ -354,7 +470,8 @@ def dw_block_forward(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rst
     The block's input is u = in_scale*x + in_shift per channel, or x when both are empty."""
     _check("dw_block_forward", x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats)
     N, C, H, W = x.shape
-    weight = weight.contiguous()
+    K = weight.shape[2]
+    weight = _tap_major(weight)
     affine = in_scale.numel() > 0
     if not affine:
         in_scale = in_shift = gamma  # never read (AFFINE=False)
@@ -362,9 +479,10 @@ def dw_block_forward(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rst
     empty = torch.empty(0, dtype=gamma.dtype, device=x.device)
     if batch_stats:
         mean, rstd, var = _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act)
-    _dw_forward_apply_kernel[lambda m: (N * triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
+    _dw_forward_apply_kernel[lambda m: (N * triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]),
+                                         triton.cdiv(C, m["BLOCK_C"]))](
         x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, y, N, C, H, W, *x.stride(), *y.stride(),
-        K=weight.shape[2], ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
+        K=K, ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
     if not batch_stats:
         return [y, empty, empty, empty.clone()]
     return [y, mean, rstd, var]
@@ -377,7 +495,7 @@ def dw_block_batch_stats(x, in_scale, in_shift, weight, bias, act: int):
     affine = in_scale.numel() > 0
     if not affine:
         in_scale = in_shift = unused
-    mean, _, var = _forward_stats(x, in_scale, in_shift, weight.contiguous(), bias, affine, 1.0, act)  # rstd unused
+    mean, _, var = _forward_stats(x, in_scale, in_shift, _tap_major(weight), bias, affine, 1.0, act)  # rstd unused
     return [mean, var]
 
 
@@ -387,7 +505,7 @@ def _backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, affine
     S = part_dy.shape[1]
     _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
         dy, x, in_scale, in_shift, weight, bias, mean, rstd, part_dy, N, C, H, W, *x.stride(), *dy.stride(),
-        K=weight.shape[2], ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
+        K=_k_of(weight), ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
     sum_rows(part_dy[0], dbeta)
     sum_rows(part_dy[1], dgamma)
 
@@ -409,7 +527,7 @@ def dw_block_backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd
     C = x.shape[1]
     sums = new_output(torch.empty((2, C), dtype=mean.dtype, device=x.device))
     part_dy = new_output(torch.empty((2, _splits(x, C), C), dtype=acc_dtype(x.dtype), device=x.device))
-    _backward_reduce(dy, x, in_scale, in_shift, weight.contiguous(), bias, mean, rstd, affine, act, part_dy,
+    _backward_reduce(dy, x, in_scale, in_shift, _tap_major(weight), bias, mean, rstd, affine, act, part_dy,
                      sums[0], sums[1])
     return sums
 
@@ -424,7 +542,8 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
     dy = _check_grad_output("dw_block_backward", dy, x)
     N, C, H, W = x.shape
     K = weight.shape[2]
-    weight = weight.contiguous()
+    dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
+    weight = _tap_major(weight)
     acc = acc_dtype(x.dtype)
     ACC = tl_acc(x.dtype)
     affine = in_scale.numel() > 0
@@ -437,7 +556,6 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
     if not affine:
         in_scale = in_shift = gamma  # never read (AFFINE=False)
     dx = new_output(torch.empty_like(x))
-    dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
     dbias = new_output(torch.empty_like(bias))
     dt = new_output(torch.empty_like(x, dtype=acc))
     S = _splits(x, C)
@@ -453,7 +571,7 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
         if batch_stats:
             _backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta,
                              dgamma)
-    part_dw = new_output(torch.empty((S, C, K * K), dtype=acc, device=x.device))
+    part_dw = new_output(torch.empty((S, K * K, C), dtype=acc, device=x.device))  # tap-major partials
     part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
     _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
         dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dt, part_dw, part_db, part_dy,
@@ -466,7 +584,9 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
     _dw_backward_dx_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
         dy, dt, weight, x, in_scale, dx, part_aff, N, C, H, W, *dy.stride(), *dt.stride(), *dx.stride(), K=K,
         AFFINE=affine, ACC=ACC)
-    sum_rows(part_dw, dweight)
+    dw_kc = torch.empty((K * K, C), dtype=weight.dtype, device=x.device)
+    sum_rows(part_dw, dw_kc)
+    dweight.copy_(dw_kc.t().reshape(dweight.shape))
     sum_rows(part_db, dbias)
     if affine:
         sum_rows(part_aff[0], dscale)  # d in_scale = sum du*x

@@ -176,9 +176,11 @@ CMK_DEV void block_channel_welford(Welford<float>& a, int cpb) {
 namespace {  // kernels: internal linkage in each translation unit that includes this header
 
 // Merges the per-split (count, mean, M2) partials ws[S][C][3]: one warp per channel, lanes stride
-// over the splits, then an xor butterfly. Writes mean, biased var and rstd = 1/sqrt(var + eps).
+// over the splits, then an xor butterfly. Writes mean, biased var and rstd = 1/sqrt(var + eps). With
+// `shift` (C values, or null), the partial means are of g - shift[c] and the batch mean is shift[c] plus
+// their merge: one rounding at the end, however large the common offset of g.
 __global__ void welford_finalize_kernel(const float* ws, int64_t S, int64_t C, float eps, float* mean, float* var,
-                                        float* rstd) {
+                                        float* rstd, const float* shift) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   Welford<float> a;
@@ -195,7 +197,7 @@ __global__ void welford_finalize_kernel(const float* ws, int64_t S, int64_t C, f
   }
   if (lane == 0 && c < C) {
     const float v = a.m2 / a.count;
-    mean[c] = a.mean;
+    mean[c] = shift != nullptr ? shift[c] + a.mean : a.mean;
     var[c] = v;
     rstd[c] = rsqrtf(v + eps);
   }
@@ -222,10 +224,10 @@ constexpr int kFinalizeThreads = 64;
 constexpr int kFinalizeThreads = 256;
 #endif
 inline void launch_welford_finalize(const float* ws, int64_t S, int64_t C, float eps, float* mean, float* var,
-                                    float* rstd, void* stream) {
+                                    float* rstd, void* stream, const float* shift = nullptr) {
   const unsigned blocks = static_cast<unsigned>((C * kWarp + kFinalizeThreads - 1) / kFinalizeThreads);
   auto kern = &welford_finalize_kernel;
-  CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, C, eps, mean, var, rstd);
+  CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, C, eps, mean, var, rstd, shift);
   CMK_CHECK_LAUNCH("welford_finalize_kernel");
 }
 inline void launch_sum_splits(const float* ws, int64_t S, int64_t width, float* out, void* stream) {

@@ -3,14 +3,22 @@
 // loads, DESIGN.md section 3) or u = x without an input affine. DESIGN.md section 3 is the
 // specification; the formulas come from ../common/block_math.h.
 //
-// Kernels (fp32 accumulation for fp32/fp16/bf16; int64 offsets; NCHW and channels_last):
-//   dw_stats_partial_kernel   training pass 1: t = conv(u) + b, g = act(t), per-thread Welford, merged
-//                             over the block (warp xor shuffles + shared memory) into a per-split
-//                             partial (count, mean, M2); welford_finalize_kernel merges the splits
-//                             with Chan's rule -> batch mean, var, rstd.
-//   dw_apply_kernel           eval (the only pass) and training pass 2: recomputes t, y = u + A*g + B.
-//                             channels_last with C % 8|4 == 0 moves 16-byte packs of channels.
-//   dw_backward_reduce_kernel backward pass 1: recomputes t, sums dy and dy*ghat per channel.
+// Kernels (fp32 accumulation for fp32/fp16/bf16; NCHW and channels_last):
+//   dw_conv_tile_kernel<T, K, MODE>  k = 1..9 (K a template parameter, the conv fully unrolled). A block
+//                             owns kTileC channels x a th x tw spatial tile of one image. It stages u on the
+//                             tile plus its k-1 halo in shared memory once (fp32, the input affine applied on
+//                             the way in; out-of-image taps are 0: the zero padding is of u), then each
+//                             thread computes kRowOut outputs along a row from a register sliding window,
+//                             its channel's k*k weights in registers. The epilogue runs on the registers:
+//                               MODE kApply   eval (the only pass) and training pass 2: y = u + A*g + B, the
+//                                             residual u read from the staged tile; y staged in shared
+//                                             memory and stored in 16-byte channel packs (channels_last);
+//                               MODE kStats   training pass 1: per-tile Chan/Welford (count, mean, M2) of g;
+//                               MODE kReduce  backward pass 1: per-tile sum dy, sum dy*ghat (dy staged).
+//                             One partial per (tile, channel); welford_finalize_kernel / sum_splits_kernel
+//                             merge them. int32 offsets inside an image, int64 only for the image base.
+//   dw_*_generic_kernel       the same three passes for k > 9 (or shapes past the tiled kernel's int32 and
+//                             grid limits): one thread per output (or 16-byte pack), taps from global memory.
 //   dw_backward_tile_kernel   backward pass 2 on spatial tiles in shared memory: u tile with a double
 //                             halo -> t, dt on the tile plus a halo -> du = dy + conv_transpose(dt),
 //                             dx = in_scale*du; per-(channel, tap) partials of dw and db accumulated
@@ -58,7 +66,7 @@ CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, float sc,
 
 // grid (channel groups, splits); writes ws[split][c][3] = (count, mean, M2) of act(t).
 template <typename T, int ACT>
-__global__ void dw_stats_partial_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
+__global__ void dw_stats_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
                                         const T* __restrict__ w, const T* __restrict__ b, int cpb, int64_t chunk,
                                         float* __restrict__ ws) {
   const int tid = threadIdx.x, lane_c = tid % cpb;
@@ -85,7 +93,7 @@ __global__ void dw_stats_partial_kernel(Layout L, int k, const T* __restrict__ x
 // Grid-stride over items: NCHW one element each; channels_last VEC consecutive channels of a pixel.
 // u = sc*x + sh on every tap and on the residual.
 template <typename T, int ACT, bool CL, int VEC>
-__global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in, const T* __restrict__ w,
+__global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in, const T* __restrict__ w,
                                 const T* __restrict__ b, const float* __restrict__ gamma,
                                 const float* __restrict__ beta, const float* __restrict__ mean,
                                 const float* __restrict__ rstd, T* __restrict__ y, int64_t items) {
@@ -138,7 +146,7 @@ __global__ void dw_apply_kernel(Layout L, int k, const T* __restrict__ x, InputA
 
 // grid (channel groups, splits); ws[split][c][2] = (sum dy, sum dy*ghat).
 template <typename T, int ACT>
-__global__ void dw_backward_reduce_kernel(Layout L, int k, const T* __restrict__ dy, const T* __restrict__ x,
+__global__ void dw_backward_reduce_generic_kernel(Layout L, int k, const T* __restrict__ dy, const T* __restrict__ x,
                                           InputAffine in, const T* __restrict__ w, const T* __restrict__ b,
                                           const float* __restrict__ mean, const float* __restrict__ rstd, int cpb,
                                           int64_t chunk, float* __restrict__ ws) {
@@ -164,12 +172,448 @@ __global__ void dw_backward_reduce_kernel(Layout L, int k, const T* __restrict__
   }
 }
 
+// --- the tiled kernel of the three single-conv passes (k = 1..9) ---------------------------------------
+
+constexpr int kTileC = 8;              // channels per block: one 16-byte pack of fp16/bf16 in channels_last
+constexpr int kTilePix = kTileC + 1;   // floats per staged pixel: the pad puts a warp's 4 row segments on
+                                       // distinct banks (a segment is kRowOut * kTilePix = 72 floats = 8 banks on)
+constexpr int kRowOut = 8;             // outputs per thread along a row: the register sliding window
+constexpr int kMaxTiledK = 9;
+constexpr int kTileThreads = 256;      // blockDim of the tiled kernel on the GPU (__launch_bounds__)
+enum TileMode : int { kApply = 0, kStats = 1, kReduce = 2 };
+
+// The spatial tiling of one image: th x tw output pixels per block (tw a multiple of kRowOut).
+struct ConvTiling {
+  int th, tw, tiles_h, tiles_w;
+};
+
+// g = act(v) on a register row; act is uniform across the grid, so the branch is taken once per row.
+template <int NV>
+CMK_DEV void act_forward_row(int act, float (&v)[NV]) {
+  if (act == kGelu) {
+    for (int r = 0; r < NV; ++r) v[r] = act_forward<kGelu>(v[r]);
+  } else if (act == kGeluTanh) {
+    for (int r = 0; r < NV; ++r) v[r] = act_forward<kGeluTanh>(v[r]);
+  } else {
+    for (int r = 0; r < NV; ++r) v[r] = act_forward<kRelu>(v[r]);
+  }
+}
+
+// Copies a rows x cols pixel window of the image (origin h_org, w_org, may lie outside it) x the block's
+// kTileC channels from global memory into `dst` [rows][cols][pix_stride] as fp32, with f(c, x) applied to
+// in-image elements and 0 elsewhere (and past C). channels_last with vec moves 16-byte channel packs;
+// NCHW walks the columns fastest, so a warp reads along rows.
+template <typename T, typename F>
+CMK_DEV void stage_window(const Layout& L, const T* __restrict__ img, int c0, int h_org, int w_org, int rows,
+                          int cols, bool vec, float* dst, int pix_stride, F f) {
+  constexpr int V = pack16<T>() < kTileC ? pack16<T>() : kTileC;
+  using P = Pack<T, V>;
+  const int C = static_cast<int>(L.C), H = static_cast<int>(L.H), W = static_cast<int>(L.W);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (L.sC == 1) {  // channels_last: pixel stride C
+    constexpr int CP = kTileC / V;
+    for (int e = tid; e < rows * cols * CP; e += nt) {
+      const int pv = e % CP, q = e / CP, hh = h_org + q / cols, ww = w_org + q % cols, cb = c0 + pv * V;
+      float* d = dst + q * pix_stride + pv * V;
+      if (hh < 0 || hh >= H || ww < 0 || ww >= W) {
+        for (int v = 0; v < V; ++v) d[v] = 0.f;
+        continue;
+      }
+      const T* src = img + (hh * W + ww) * C + cb;
+      if (vec && cb + V <= C) {
+        const P pk = *reinterpret_cast<const P*>(src);
+        for (int v = 0; v < V; ++v) d[v] = f(cb + v, to_acc(pk.v[v]));
+      } else {
+        for (int v = 0; v < V; ++v) d[v] = cb + v < C ? f(cb + v, to_acc(src[v])) : 0.f;
+      }
+    }
+  } else {  // NCHW: channel planes of H*W
+    for (int e = tid; e < rows * cols * kTileC; e += nt) {
+      const int col = e % cols, q = e / cols, row = q % rows, cl = q / rows;
+      const int hh = h_org + row, ww = w_org + col, c = c0 + cl;
+      const bool in = hh >= 0 && hh < H && ww >= 0 && ww < W && c < C;
+      dst[(row * cols + col) * pix_stride + cl] = in ? f(c, to_acc(img[c * H * W + hh * W + ww])) : 0.f;
+    }
+  }
+}
+
+// dst[r][c] = bias + sum_{i,j < K} wk[i][j] * src[r+i][c+j] for r < rows, c < cols (a multiple of
+// kRowOut), on this thread's channel lane (tid % kTileC; blockDim % kTileC == 0); wk = w, or w rotated by
+// 180 degrees (FLIP: the transposed conv of the backward). src [rows+K-1][src_cols][kTilePix], dst
+// [rows][dst_cols][dst_pix]. Each thread computes row segments of kRowOut outputs from a register
+// sliding window: per kernel row, kRowOut+K-1 shared-memory loads feed K*kRowOut FMAs. Taps are summed
+// in (i, j) order from the bias, so the forward and the backward's recomputation of t agree bitwise.
+template <int K, bool FLIP>
+CMK_DEV void conv_rows(const float* src, int src_cols, float* dst, int dst_cols, int dst_pix, int rows, int cols,
+                       const float (&wt)[K * K], float bias) {
+  constexpr int WIN = kRowOut + K - 1;
+  const int tid = threadIdx.x, cl = tid % kTileC;
+  // Row segments s = (srow, sidx) advance by blockDim / kTileC per iteration, carried without a division.
+  const int spr = cols / kRowOut, step = blockDim.x / kTileC, step_rows = step / spr, step_idx = step % spr;
+  int srow = (tid / kTileC) / spr, sidx = (tid / kTileC) % spr;
+  const int row_stride = src_cols * kTilePix;
+  while (srow < rows) {
+    float acc[kRowOut];
+#pragma unroll
+    for (int r = 0; r < kRowOut; ++r) acc[r] = bias;
+    const float* base = src + (srow * src_cols + sidx * kRowOut) * kTilePix + cl;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      float win[WIN];  // src[srow + i][scol .. scol + kRowOut + K - 2]: each tap of the row reads it shifted
+#pragma unroll
+      for (int j = 0; j < WIN; ++j) win[j] = base[i * row_stride + j * kTilePix];
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const float wv = FLIP ? wt[(K - 1 - i) * K + (K - 1 - j)] : wt[i * K + j];
+#pragma unroll
+        for (int r = 0; r < kRowOut; ++r) acc[r] += wv * win[r + j];
+      }
+    }
+    float* out = dst + (srow * dst_cols + sidx * kRowOut) * dst_pix + cl;
+#pragma unroll
+    for (int r = 0; r < kRowOut; ++r) out[r * dst_pix] = acc[r];
+    sidx += step_idx;
+    srow += step_rows;
+    if (sidx >= spr) {
+      sidx -= spr;
+      ++srow;
+    }
+  }
+}
+
+// Threads per (channel, tap row) of the backward's dw reduction: blockDim split into parts of kTileC*K
+// (one part, each thread looping over items, when blockDim < kTileC*K).
+CMK_HD int tile_grad_parts(int k, int threads) { return threads / (kTileC * k) > 0 ? threads / (kTileC * k) : 1; }
+
+// The per-output epilogue of dw_conv_tile_kernel, on the tile's t values in shared memory (ts, indexed
+// [pixel][kTileC]); u at pixel (row, col) is us[((row + PL) * XW + col + PL) * kTilePix + channel].
+struct TileView {
+  int th, tw, h0, w0, c0, H, W, C, XW, PL;
+  const float* us;
+  float* ts;
+  CMK_DEV bool pixel_ok(int q) const { return h0 + q / tw < H && w0 + q % tw < W; }
+  CMK_DEV float u_at(int q, int cl) const { return us[((q / tw + PL) * XW + q % tw + PL) * kTilePix + cl]; }
+};
+
+// kApply: y = u + A*act(t) + B (ab = A[kTileC], B[kTileC]); channels_last with vec stores 16-byte packs.
+template <typename T, int ACT>
+CMK_DEV void tile_apply_epilogue(const TileView& v, const float* ab, bool channels_last, bool vec, T* __restrict__ yimg) {
+  constexpr int V = pack16<T>() < kTileC ? pack16<T>() : kTileC;
+  using P = Pack<T, V>;
+  const int tid = threadIdx.x, nt = blockDim.x, npix = v.th * v.tw;
+  if (channels_last) {
+    constexpr int CP = kTileC / V;
+    for (int e = tid; e < npix * CP; e += nt) {
+      const int pv = e % CP, q = e / CP, cb = v.c0 + pv * V;
+      if (!v.pixel_ok(q)) continue;
+      P out;
+      for (int j = 0; j < V; ++j) {
+        const int cl = pv * V + j;
+        out.v[j] = from_acc<T>(v.u_at(q, cl) + ab[cl] * act_forward<ACT>(v.ts[q * kTileC + cl]) + ab[kTileC + cl]);
+      }
+      T* dst = yimg + ((v.h0 + q / v.tw) * v.W + v.w0 + q % v.tw) * v.C + cb;
+      if (vec && cb + V <= v.C) {
+        *reinterpret_cast<P*>(dst) = out;
+      } else {
+        for (int j = 0; j < V && cb + j < v.C; ++j) dst[j] = out.v[j];
+      }
+    }
+  } else {  // NCHW: columns fastest, so a warp stores along a row of a channel plane
+    for (int e = tid; e < npix * kTileC; e += nt) {
+      const int col = e % v.tw, q0 = e / v.tw, row = q0 % v.th, cl = q0 / v.th, q = row * v.tw + col;
+      if (!v.pixel_ok(q) || v.c0 + cl >= v.C) continue;
+      const float y = v.u_at(q, cl) + ab[cl] * act_forward<ACT>(v.ts[q * kTileC + cl]) + ab[kTileC + cl];
+      yimg[(v.c0 + cl) * v.H * v.W + (v.h0 + row) * v.W + v.w0 + col] = from_acc<T>(y);
+    }
+  }
+}
+
+// kStats: this thread's channel lane (tid % kTileC); exact two-pass mean and M2 of g - shift over the
+// thread's pixels (g - shift kept in ts between the passes), then merged over the block per channel.
+// shift = act(b[c]), the same in every block: partial means stay small (no rounding at the scale of a
+// large common offset of g, e.g. a large bias) and the finalize adds shift back once.
+template <int ACT>
+CMK_DEV Welford<float> tile_stats_epilogue(const TileView& v, float shift) {
+  const int tid = threadIdx.x, nt = blockDim.x, n_items = v.th * v.tw * kTileC;
+  const bool c_ok = v.c0 + tid % kTileC < v.C;
+  float s = 0.f, cnt = 0.f;
+  for (int e = tid; e < n_items; e += nt) {
+    if (!c_ok || !v.pixel_ok(e / kTileC)) continue;
+    const float g = act_forward<ACT>(v.ts[e]) - shift;
+    v.ts[e] = g;
+    s += g;
+    cnt += 1.f;
+  }
+  Welford<float> w;
+  if (cnt > 0.f) {
+    const float m = s / cnt;
+    float m2 = 0.f;
+    for (int e = tid; e < n_items; e += nt) {
+      if (!c_ok || !v.pixel_ok(e / kTileC)) continue;
+      const float d = v.ts[e] - m;
+      m2 += d * d;
+    }
+    w.merge(cnt, m, m2);
+  }
+  return w;
+}
+
+// kReduce: sum dy and sum dy*ghat, ghat = (act(t) - mean)*rstd, over this thread's pixels (dy staged in
+// ds [pixel][kTileC]).
+template <int ACT>
+CMK_DEV void tile_reduce_epilogue(const TileView& v, const float* ds, float mu, float rs, float (&sums)[2]) {
+  const int tid = threadIdx.x, nt = blockDim.x, n_items = v.th * v.tw * kTileC;
+  if (v.c0 + tid % kTileC >= v.C) return;
+  for (int e = tid; e < n_items; e += nt) {
+    if (!v.pixel_ok(e / kTileC)) continue;
+    const float d = ds[e];
+    sums[0] += d;
+    sums[1] += d * ((act_forward<ACT>(v.ts[e]) - mu) * rs);
+  }
+}
+
+// grid (N * tiles_h * tiles_w, ceil(C / kTileC)), blockDim a multiple of 32. Dynamic shared memory (fp32):
+// u [(th+K-1) x (tw+K-1) x kTilePix], t [th x tw x kTileC], (A, B) [2 x kTileC] (kApply). kReduce stages dy
+// [th x tw x kTileC] into the u region once the conv is done, so every mode fits two blocks per SM.
+//   t[h,w] = b + sum_{i,j < K} w[i,j] * u[h+i-pl, w+j-pl]   (pl = (K-1)/2; taps summed in (i, j) order)
+//   kApply : y = u[h,w] + A*act(t) + B,  A = gamma*rstd, B = beta - mean*A
+//   kStats : ws[tile][c] = (count, mean, M2) of g = act(t) over the tile
+//   kReduce: ws[tile][c] = (sum dy, sum dy*ghat),  ghat = (g - mean)*rstd
+// The conv loop is activation-free (act is applied by the epilogue, dispatched once per block), so the
+// loop's code is the same for every activation.
+template <typename T, int K, int MODE>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    dw_conv_tile_kernel(Layout L, ConvTiling g, int act, bool vec, const T* __restrict__ x, InputAffine in,
+                        const T* __restrict__ w, const T* __restrict__ b, const float* __restrict__ gamma,
+                        const float* __restrict__ beta, const float* __restrict__ mean,
+                        const float* __restrict__ rstd, const T* __restrict__ dy, T* __restrict__ y,
+                        float* __restrict__ ws) {
+  CMK_DYNAMIC_SHARED(float, smem);
+  constexpr int PL = (K - 1) / 2;
+  const int tid = threadIdx.x;
+  const int C = static_cast<int>(L.C), H = static_cast<int>(L.H), W = static_cast<int>(L.W);
+  const int tile = blockIdx.x, per_image = g.tiles_h * g.tiles_w;
+  const int c0 = blockIdx.y * kTileC;
+  const int64_t n = tile / per_image;
+  const int h0 = (tile % per_image) / g.tiles_w * g.th, w0 = (tile % per_image) % g.tiles_w * g.tw;
+  const int XW = g.tw + K - 1, npix = g.th * g.tw;
+  float* us = smem;
+  float* ts = us + (g.th + K - 1) * XW * kTilePix;
+  float* ab = ts + npix * kTileC;  // kApply: A[kTileC], B[kTileC]
+
+  stage_window(L, x + n * L.sN, c0, h0 - PL, w0 - PL, g.th + K - 1, XW, vec, us, kTilePix,
+               [&](int c, float v) { return in.scale_of(c) * v + in.shift_of(c); });
+  if (MODE == kApply && tid < kTileC) {
+    const int c = c0 + tid;
+    const float a = c < C ? gamma[c] * rstd[c] : 0.f;
+    ab[tid] = a;
+    ab[kTileC + tid] = c < C ? beta[c] - mean[c] * a : 0.f;
+  }
+  __syncthreads();
+
+  {  // the conv: this thread's channel is fixed (blockDim % kTileC == 0); its k*k weights in registers
+    const int c = c0 + tid % kTileC;
+    float wt[K * K];
+#pragma unroll
+    for (int i = 0; i < K * K; ++i) wt[i] = c < C ? to_acc(w[c * K * K + i]) : 0.f;
+    conv_rows<K, false>(us, XW, ts, g.tw, kTileC, g.th, g.tw, wt, c < C ? to_acc(b[c]) : 0.f);
+  }
+  __syncthreads();
+
+  const TileView v{g.th, g.tw, h0, w0, c0, H, W, C, XW, PL, us, ts};
+  if (MODE == kApply) {
+    T* yimg = y + n * L.sN;
+    const bool cl_layout = L.sC == 1;
+    if (act == kGelu) tile_apply_epilogue<T, kGelu>(v, ab, cl_layout, vec, yimg);
+    else if (act == kGeluTanh) tile_apply_epilogue<T, kGeluTanh>(v, ab, cl_layout, vec, yimg);
+    else tile_apply_epilogue<T, kRelu>(v, ab, cl_layout, vec, yimg);
+  } else if (MODE == kStats) {
+    // ws: [tiles][C][3] partials, then the shift [C] (written by the first tile's blocks)
+    const int c = c0 + tid % kTileC;
+    const float bc = c < C ? to_acc(b[c]) : 0.f;
+    const float shift = act == kGelu ? act_forward<kGelu>(bc) : act == kGeluTanh ? act_forward<kGeluTanh>(bc)
+                                                                                 : act_forward<kRelu>(bc);
+    Welford<float> st = act == kGelu       ? tile_stats_epilogue<kGelu>(v, shift)
+                        : act == kGeluTanh ? tile_stats_epilogue<kGeluTanh>(v, shift)
+                                           : tile_stats_epilogue<kRelu>(v, shift);
+    block_channel_welford(st, kTileC);
+    if (tid < kTileC && c < C) {
+      float* o = ws + (static_cast<int64_t>(tile) * C + c) * 3;
+      o[0] = st.count;
+      o[1] = st.mean;
+      o[2] = st.m2;
+      if (tile == 0) ws[static_cast<int64_t>(gridDim.x) * C * 3 + c] = shift;
+    }
+  } else {
+    float* ds = us;  // the conv is done with u
+    stage_window(L, dy + n * L.sN, c0, h0, w0, g.th, g.tw, vec, ds, kTileC, [](int, float v) { return v; });
+    __syncthreads();
+    const int c = c0 + tid % kTileC;
+    const float mu = c < C ? mean[c] : 0.f, rs = c < C ? rstd[c] : 0.f;
+    float sums[2] = {0.f, 0.f};
+    if (act == kGelu) tile_reduce_epilogue<kGelu>(v, ds, mu, rs, sums);
+    else if (act == kGeluTanh) tile_reduce_epilogue<kGeluTanh>(v, ds, mu, rs, sums);
+    else tile_reduce_epilogue<kRelu>(v, ds, mu, rs, sums);
+    block_channel_sums<2>(sums, kTileC);
+    if (tid < kTileC && c0 + tid < C) {
+      float* o = ws + (static_cast<int64_t>(tile) * C + c0 + tid) * 2;
+      o[0] = sums[0];
+      o[1] = sums[1];
+    }
+  }
+}
+
+// --- backward pass 2, tiled (k = 1..9) -------------------------------------------------------------------
+
+// dt on the dt region (origin h_org, w_org): dt = A*(dy - c1 - ghat*c2)*act'(t), ghat = (act(t) - mean)*rstd,
+// with t read from and dt written to dts [DH][DWR][kTilePix]; 0 outside the image (and past C).
+template <int ACT>
+CMK_DEV void tile_dt_epilogue(float* dts, const float* dys, int DH, int DW, int DWR, int h_org, int w_org, int H,
+                              int W, bool c_ok, float a, float mu, float rs, float c1, float c2) {
+  const int tid = threadIdx.x, nt = blockDim.x, cl = tid % kTileC;
+  for (int e = tid; e < DH * DW * kTileC; e += nt) {
+    const int q = e / kTileC, row = q / DW, col = q % DW, hh = h_org + row, ww = w_org + col;
+    float* p = dts + (row * DWR + col) * kTilePix + cl;
+    float dt = 0.f;
+    if (c_ok && hh >= 0 && hh < H && ww >= 0 && ww < W) {
+      const float t = *p;
+      const float ghat = (act_forward<ACT>(t) - mu) * rs;
+      dt = a * (dys[e] - c1 - ghat * c2) * act_backward<ACT>(t);
+    }
+    *p = dt;
+  }
+}
+
+// grid (N * tiles_h * tiles_w, ceil(C / kTileC)), one th x tw tile (tw a multiple of kRowOut) of kTileC
+// channels per block. With pl = (K-1)/2, pr = K-1-pl and the dt region = the tile grown by pr above/left
+// and pl below/right (DH x DW = (th+K-1) x (tw+K-1)):
+//   1. stage u on the dt region plus a K-1 halo (origin h0-pr-pl, w0-pr-pl) and dy on the dt region;
+//   2. t on the dt region (the forward's conv_rows, the same summation order), then in place
+//      dt = A*(dy - c1 - ghat*c2)*act'(t)   (c1, c2 = mean dy, mean dy*ghat in training; 0 in eval);
+//   3. dw[i,j] = sum_tile dt[h,w] * u[h+i-pl, w+j-pl], db = sum_tile dt: thread (channel, tap row i,
+//      part) slides a register window over its rows; the parts are added in a fixed order;
+//   4. du = dy + sum_{i,j} w[i,j] * dt[h-i+pl, w-j+pl] (conv_rows with the kernel rotated by 180 degrees),
+//      dx = in_scale*du; din_scale += du*x, din_shift += du.
+// ws[tile][c][K*K + 3] = (dw taps, db, din_scale, din_shift) partials; sum_splits_kernel adds the tiles.
+// Dynamic shared memory (fp32): u [DH+K-1][DWR+K-1][kTilePix] (later du), dt [DH][DWR][kTilePix],
+// dy [DH][DW][kTileC], parts [P][kTileC][K*K+1] with DWR = DW rounded up to kRowOut, P = tile_grad_parts.
+template <typename T, int K>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    dw_backward_tile_kernel(Layout L, ConvTiling g, int act, const T* __restrict__ x, InputAffine in,
+                            const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
+                            const float* __restrict__ gamma, const float* __restrict__ mean,
+                            const float* __restrict__ rstd, const float* __restrict__ sums, float inv_m,
+                            bool batch_stats, bool vec, T* __restrict__ dx, float* __restrict__ ws) {
+  CMK_DYNAMIC_SHARED(float, smem);
+  constexpr int PL = (K - 1) / 2, PR = K - 1 - PL, KK = K * K, NCOLS = KK + 3;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int C = static_cast<int>(L.C), H = static_cast<int>(L.H), W = static_cast<int>(L.W);
+  const int tile = blockIdx.x, per_image = g.tiles_h * g.tiles_w, c0 = blockIdx.y * kTileC;
+  const int64_t n = tile / per_image;
+  const int h0 = (tile % per_image) / g.tiles_w * g.th, w0 = (tile % per_image) % g.tiles_w * g.tw;
+  const int DH = g.th + K - 1, DW = g.tw + K - 1, DWR = (DW + kRowOut - 1) / kRowOut * kRowOut;
+  const int UH = DH + K - 1, UW = DWR + K - 1, P = tile_grad_parts(K, nt);
+  float* us = smem;
+  float* dts = us + UH * UW * kTilePix;
+  float* dys = dts + DH * DWR * kTilePix;
+  float* parts = dys + DH * DW * kTileC;
+
+  stage_window(L, x + n * L.sN, c0, h0 - PR - PL, w0 - PR - PL, UH, UW, vec, us, kTilePix,
+               [&](int c, float v) { return in.scale_of(c) * v + in.shift_of(c); });
+  stage_window(L, dy + n * L.sN, c0, h0 - PR, w0 - PR, DH, DW, vec, dys, kTileC, [](int, float v) { return v; });
+  __syncthreads();
+
+  const int cl = tid % kTileC, c = c0 + cl;
+  const bool c_ok = c < C;
+  float wt[KK];
+#pragma unroll
+  for (int i = 0; i < KK; ++i) wt[i] = c_ok ? to_acc(w[c * KK + i]) : 0.f;
+  conv_rows<K, false>(us, UW, dts, DWR, kTilePix, DH, DWR, wt, c_ok ? to_acc(b[c]) : 0.f);
+  __syncthreads();
+  {
+    const float mu = c_ok ? mean[c] : 0.f, rs = c_ok ? rstd[c] : 0.f, a = c_ok ? gamma[c] * rs : 0.f;
+    const float c1 = batch_stats && c_ok ? sums[c * 2] * inv_m : 0.f;
+    const float c2 = batch_stats && c_ok ? sums[c * 2 + 1] * inv_m : 0.f;
+    if (act == kGelu) tile_dt_epilogue<kGelu>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, c1, c2);
+    else if (act == kGeluTanh)
+      tile_dt_epilogue<kGeluTanh>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, c1, c2);
+    else tile_dt_epilogue<kRelu>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, c1, c2);
+  }
+  __syncthreads();
+
+  // 3. dw and db: the tile's dt is 0 outside the image, so whole row segments need no mask.
+  for (int item = tid; item < P * kTileC * K; item += nt) {  // more items than threads only under emulation
+    const int i = (item / kTileC) % K, part = item / (kTileC * K);
+    float acc[K], db = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) acc[j] = 0.f;
+    for (int row = part; row < g.th; row += P) {
+      const float* drow = dts + ((row + PR) * DWR + PR) * kTilePix + cl;
+      const float* urow = us + ((row + PR + i) * UW + PR) * kTilePix + cl;
+      for (int col = 0; col < g.tw; col += kRowOut) {
+        float dv[kRowOut], uw[kRowOut + K - 1];
+#pragma unroll
+        for (int r = 0; r < kRowOut; ++r) dv[r] = drow[(col + r) * kTilePix];
+#pragma unroll
+        for (int q = 0; q < kRowOut + K - 1; ++q) uw[q] = urow[(col + q) * kTilePix];
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+#pragma unroll
+          for (int r = 0; r < kRowOut; ++r) acc[j] += dv[r] * uw[r + j];
+#pragma unroll
+        for (int r = 0; r < kRowOut; ++r) db += dv[r];
+      }
+    }
+    float* o = parts + (part * kTileC + cl) * (KK + 1);
+#pragma unroll
+    for (int j = 0; j < K; ++j) o[i * K + j] = acc[j];
+    if (i == 0) o[KK] = db;
+  }
+  __syncthreads();
+  for (int e = tid; e < kTileC * (KK + 1); e += nt) {
+    const int ecl = e / (KK + 1), slot = e % (KK + 1);
+    float s = 0.f;
+    for (int part = 0; part < P; ++part) s += parts[(part * kTileC + ecl) * (KK + 1) + slot];
+    if (c0 + ecl < C) ws[(static_cast<int64_t>(tile) * C + c0 + ecl) * NCOLS + slot] = s;
+  }
+  // (every thread has read u and parts once the next barrier passes: du may overwrite u)
+  __syncthreads();
+
+  // 4. du (into the u region), dx, and the input affine's sums
+  float* dus = us;
+  conv_rows<K, true>(dts, DWR, dus, g.tw, kTileC, g.th, g.tw, wt, 0.f);
+  __syncthreads();
+  float in_sums[2] = {0.f, 0.f};
+  if (c_ok) {
+    const float sc = in.scale_of(c);
+    T* dximg = dx + n * L.sN;
+    const T* ximg = x + n * L.sN;
+    for (int e = tid; e < g.th * g.tw * kTileC; e += nt) {
+      const int q = e / kTileC, row = q / g.tw, col = q % g.tw, hh = h0 + row, ww = w0 + col;
+      if (hh >= H || ww >= W) continue;
+      float du = dus[e] + dys[((row + PR) * DW + col + PR) * kTileC + cl];
+      const int off = c * static_cast<int>(L.sC) + (hh * W + ww) * static_cast<int>(L.sP);
+      if (in.scale != nullptr) {
+        in_sums[0] += du * to_acc(ximg[off]);
+        in_sums[1] += du;
+        du *= sc;
+      }
+      dximg[off] = from_acc<T>(du);
+    }
+  }
+  block_channel_sums<2>(in_sums, kTileC);
+  if (tid < kTileC && c0 + tid < C) {
+    ws[(static_cast<int64_t>(tile) * C + c0 + tid) * NCOLS + KK + 1] = in_sums[0];
+    ws[(static_cast<int64_t>(tile) * C + c0 + tid) * NCOLS + KK + 2] = in_sums[1];
+  }
+}
+
 // grid (channel groups of cpb, splits of tiles_per_split spatial tiles). Dynamic shared memory:
 // u region [(th+2(k-1)) x (tw+2(k-1)) x cpb] and dt region [(th+k-1) x (tw+k-1) x cpb], fp32.
 // Writes dx and ws[split][c][dw_grad_columns(k)] = partial (dw taps, db, din_scale, din_shift); the
 // last two are sum du*x and sum du with the input affine, 0 without.
 template <typename T, int ACT>
-__global__ void dw_backward_tile_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
+__global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
                                         const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
                                         const float* __restrict__ gamma, const float* __restrict__ mean,
                                         const float* __restrict__ rstd, const float* __restrict__ sums,
@@ -300,12 +744,123 @@ TilePlan plan_tiles(const Problem& p, int64_t k, const LaunchShape& s) {
   return q;
 }
 
+
+ConvTiling plan_conv_tiling(const Problem& p, const LaunchShape& s) {
+  ConvTiling g;
+  g.tw = static_cast<int>(std::min<int64_t>(ceil_div(p.W, kRowOut) * kRowOut, s.conv_tile_w));
+  g.th = static_cast<int>(std::min<int64_t>(p.H, s.conv_tile_h));
+  g.tiles_h = static_cast<int>(ceil_div(p.H, g.th));
+  g.tiles_w = static_cast<int>(ceil_div(p.W, g.tw));
+  return g;
+}
+// The tiled kernel covers k <= 9 with int32 offsets inside an image and (tiles, channel groups) on the grid.
+bool use_conv_tiles(const Problem& p, int64_t k, const ConvTiling& g) {
+  constexpr int64_t kInt32 = 2147483647;
+  return k <= kMaxTiledK && p.C * p.H * p.W <= kInt32 && p.N * g.tiles_h * g.tiles_w <= kInt32 &&
+         ceil_div(p.C, kTileC) <= 65535;
+}
+int64_t conv_tiles(const Problem& p, const ConvTiling& g) { return p.N * g.tiles_h * g.tiles_w; }
+size_t conv_tile_smem_bytes(int64_t k, const ConvTiling& g) {
+  // u with its halo (later dy in kReduce), t, (A, B)
+  return static_cast<size_t>((g.th + k - 1) * (g.tw + k - 1) * kTilePix + g.th * g.tw * kTileC + 2 * kTileC) *
+         sizeof(float);
+}
+
+// Dynamic shared memory above the default 48 KiB per block (static plus dynamic) needs an opt-in.
+void allow_dynamic_smem(const void* kernel, size_t bytes, const char* name) {
+#if defined(CMK_CUDA_EMULATION)
+  (void)kernel, (void)bytes, (void)name;
+#else
+  cudaFuncAttributes fa;
+  cudaError_t e = cudaFuncGetAttributes(&fa, kernel);
+  if (e == cudaSuccess && bytes + fa.sharedSizeBytes > 48 * 1024)
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("convmixer_kernels: shared memory setup of ") + name + " failed: " +
+                             cudaGetErrorString(e));
+#endif
+}
+
+template <typename F>
+void dispatch_tiled_k(int64_t k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    default: throw std::invalid_argument("convmixer_kernels: the tiled depthwise kernel covers k <= 9");
+  }
+}
+
+// One launch of dw_conv_tile_kernel<T, k, MODE>; ws receives conv_tiles(p, g) partials per channel
+// (kStats, kReduce).
+template <typename T, int MODE>
+void launch_conv_tiles(const Problem& p, int64_t k, const LaunchShape& s, const ConvTiling& g, const T* x,
+                       InputAffine in, const T* w, const T* b, const float* gamma, const float* beta,
+                       const float* mean, const float* rstd, const T* dy, T* y, float* ws, void* stream) {
+  if (s.threads > kTileThreads || s.threads % kWarp != 0)
+    throw std::invalid_argument("convmixer_kernels: the tiled depthwise kernel needs blockDim <= 256, a multiple of 32");
+  const Layout L = make_layout(p);
+  const auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const bool vec = p.channels_last && p.C % pack16<T>() == 0 && aligned(x) && aligned(y) && aligned(dy);
+  const size_t smem = conv_tile_smem_bytes(k, g);
+  const dim3 grid(static_cast<unsigned>(conv_tiles(p, g)), static_cast<unsigned>(ceil_div(p.C, kTileC)));
+  dispatch_tiled_k(k, [&](auto kc) {
+    auto kern = &dw_conv_tile_kernel<T, decltype(kc)::value, MODE>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem, "dw_conv_tile_kernel");
+    CMK_LAUNCH(kern, grid, dim3(s.threads), smem, stream, L, g, p.act, vec, x, in, w, b, gamma, beta, mean, rstd, dy,
+               y, ws);
+    CMK_CHECK_LAUNCH("dw_conv_tile_kernel");
+  });
+}
+
+ConvTiling plan_backward_tiling(const Problem& p, const LaunchShape& s) {
+  LaunchShape b = s;
+  b.conv_tile_h = s.bwd_tile_h;
+  b.conv_tile_w = s.bwd_tile_w;
+  return plan_conv_tiling(p, b);
+}
+size_t backward_tile_smem_bytes(int64_t k, const ConvTiling& g, int threads) {
+  const int64_t dh = g.th + k - 1, dw = g.tw + k - 1, dwr = ceil_div(dw, kRowOut) * kRowOut;
+  const int64_t floats = (dh + k - 1) * (dwr + k - 1) * kTilePix + dh * dwr * kTilePix + dh * dw * kTileC +
+                         tile_grad_parts(static_cast<int>(k), threads) * kTileC * (k * k + 1);
+  return static_cast<size_t>(floats) * sizeof(float);
+}
+
+template <typename T>
+void launch_backward_tiles(const Problem& p, int64_t k, const LaunchShape& s, const ConvTiling& g, const T* x,
+                           InputAffine in, const T* dy, const T* w, const T* b, const float* gamma, const float* mean,
+                           const float* rstd, const float* sums, float inv_m, bool batch_stats, T* dx, float* ws,
+                           void* stream) {
+  if (s.threads > kTileThreads || s.threads % kWarp != 0)
+    throw std::invalid_argument("convmixer_kernels: the tiled depthwise kernel needs blockDim <= 256, a multiple of 32");
+  const Layout L = make_layout(p);
+  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const bool vec = p.channels_last && p.C % pack16<T>() == 0 && aligned(x) && aligned(dy);
+  const size_t smem = backward_tile_smem_bytes(k, g, s.threads);
+  const dim3 grid(static_cast<unsigned>(conv_tiles(p, g)), static_cast<unsigned>(ceil_div(p.C, kTileC)));
+  dispatch_tiled_k(k, [&](auto kc) {
+    auto kern = &dw_backward_tile_kernel<T, decltype(kc)::value>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem, "dw_backward_tile_kernel");
+    CMK_LAUNCH(kern, grid, dim3(s.threads), smem, stream, L, g, p.act, x, in, dy, w, b, gamma, mean, rstd, sums, inv_m,
+               batch_stats, vec, dx, ws);
+    CMK_CHECK_LAUNCH("dw_backward_tile_kernel");
+  });
+}
+
 }  // namespace
 
 int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape& s) {
   const SplitPlan sp = plan_splits(p, s);
   const TilePlan tp = plan_tiles(p, k, s);
-  return std::max<int64_t>(sp.splits * p.C * 3, tp.splits * p.C * dw_grad_columns(k));
+  const int64_t conv = (conv_tiles(p, plan_conv_tiling(p, s)) * 3 + 1) * p.C;  // tiled partials + shift
+  const int64_t bwd = conv_tiles(p, plan_backward_tiling(p, s)) * p.C * dw_grad_columns(k);
+  return std::max<int64_t>({sp.splits * p.C * 3, tp.splits * p.C * dw_grad_columns(k), conv, bwd});
 }
 
 void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_scale,
@@ -322,15 +877,26 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
     const T* wp = static_cast<const T*>(w);
     const T* bp = static_cast<const T*>(b);
     T* yp = static_cast<T*>(y);
-    if (batch_stats) {
+    const ConvTiling g = plan_conv_tiling(p, s);
+    const bool tiled = use_conv_tiles(p, k, g);
+    if (batch_stats && tiled) {
+      launch_conv_tiles<T, kStats>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                   ws, stream);
+      launch_welford_finalize(ws, conv_tiles(p, g), p.C, eps, mean, var, rstd, stream,
+                              ws + conv_tiles(p, g) * p.C * 3);
+    } else if (batch_stats) {
       const SplitPlan sp = plan_splits(p, s);
-      auto kern = &dw_stats_partial_kernel<T, A>;
+      auto kern = &dw_stats_generic_kernel<T, A>;
       CMK_LAUNCH(kern, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
                  stream, L, ki, xp, in, wp, bp, sp.cpb, sp.chunk, ws);
-      CMK_CHECK_LAUNCH("dw_stats_partial_kernel");
+      CMK_CHECK_LAUNCH("dw_stats_generic_kernel");
       launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
     }
     if (!apply) return;  // synchronized BN: applied later with the global statistics
+    if (tiled) {
+      launch_conv_tiles<T, kApply>(p, k, s, g, xp, in, wp, bp, gamma, beta, mean, rstd, nullptr, yp, nullptr, stream);
+      return;
+    }
     constexpr int V = pack16<T>();
     const bool vec = p.channels_last && p.C % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(y) % 16 == 0;
@@ -338,19 +904,19 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
     const unsigned blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min<int64_t>(s.elementwise_blocks, ceil_div(items, s.threads))));
     if (vec) {
-      auto kern = &dw_apply_kernel<T, A, true, V>;
+      auto kern = &dw_apply_generic_kernel<T, A, true, V>;
       CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
                  items);
     } else if (p.channels_last) {
-      auto kern = &dw_apply_kernel<T, A, true, 1>;
+      auto kern = &dw_apply_generic_kernel<T, A, true, 1>;
       CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
                  items);
     } else {
-      auto kern = &dw_apply_kernel<T, A, false, 1>;
+      auto kern = &dw_apply_generic_kernel<T, A, false, 1>;
       CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
                  items);
     }
-    CMK_CHECK_LAUNCH("dw_apply_kernel");
+    CMK_CHECK_LAUNCH("dw_apply_generic_kernel");
   });
 }
 
@@ -372,33 +938,37 @@ void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s,
     // Pass 1: sum dy, sum dy*ghat per channel (dbeta, dgamma; and the training terms of dg). A
     // synchronized BN gives the global means instead (sums_given: c1, c2 = sums, so inv_m = 1).
     if (!sums_given) {
-      const SplitPlan sp = plan_splits(p, s);
-      auto reduce = &dw_backward_reduce_kernel<T, A>;
-      CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
-                 stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
-      CMK_CHECK_LAUNCH("dw_backward_reduce_kernel");
-      launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+      const ConvTiling g = plan_conv_tiling(p, s);
+      if (use_conv_tiles(p, k, g)) {
+        launch_conv_tiles<T, kReduce>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, mean, rstd, dyp, nullptr, ws,
+                                      stream);
+        launch_sum_splits(ws, conv_tiles(p, g), p.C * 2, sums, stream);
+      } else {
+        const SplitPlan sp = plan_splits(p, s);
+        auto reduce = &dw_backward_reduce_generic_kernel<T, A>;
+        CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads),
+                   0, stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
+        CMK_CHECK_LAUNCH("dw_backward_reduce_generic_kernel");
+        launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+      }
     }
     if (reduce_only) return;
     const float inv_m = sums_given ? 1.f : 1.f / static_cast<float>(L.N * L.HW);
     // Pass 2: dt, du, dx, and the dw/db/din_scale/din_shift partials on shared-memory tiles.
+    const ConvTiling bg = plan_backward_tiling(p, s);
+    if (use_conv_tiles(p, k, bg)) {
+      launch_backward_tiles<T>(p, k, s, bg, xp, in, dyp, wp, bp, gamma, mean, rstd, sums, inv_m, batch_stats,
+                               static_cast<T*>(dx), ws, stream);
+      launch_sum_splits(ws, conv_tiles(p, bg), p.C * dw_grad_columns(k), grads, stream);
+      return;
+    }
     const TilePlan tp = plan_tiles(p, k, s);
-    auto tile = &dw_backward_tile_kernel<T, A>;
-#if !defined(CMK_CUDA_EMULATION)
-    // The default 48 KiB per block covers static (block_channel_sums) plus dynamic shared memory.
-    cudaFuncAttributes fa;
-    cudaError_t e = cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(tile));
-    if (e == cudaSuccess && tp.smem_bytes + fa.sharedSizeBytes > 48 * 1024)
-      e = cudaFuncSetAttribute(reinterpret_cast<const void*>(tile), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(tp.smem_bytes));
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("convmixer_kernels: shared memory setup of dw_backward_tile_kernel "
-                                           "failed: ") + cudaGetErrorString(e));
-#endif
+    auto tile = &dw_backward_generic_kernel<T, A>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(tile), tp.smem_bytes, "dw_backward_generic_kernel");
     CMK_LAUNCH(tile, dim3(static_cast<unsigned>(tp.groups), static_cast<unsigned>(tp.splits)), dim3(s.threads),
                tp.smem_bytes, stream, L, ki, xp, in, dyp, wp, bp, gamma, mean, rstd, static_cast<const float*>(sums),
                inv_m, batch_stats, tp.th, tp.tw, tp.cpb, tp.tiles_per_split, static_cast<T*>(dx), ws);
-    CMK_CHECK_LAUNCH("dw_backward_tile_kernel");
+    CMK_CHECK_LAUNCH("dw_backward_generic_kernel");
     launch_sum_splits(ws, tp.splits, p.C * dw_grad_columns(k), grads, stream);
   });
 }

@@ -35,6 +35,8 @@ struct LaunchShape {
   int elementwise_blocks;  // grid of the grid-stride elementwise kernels
   int tile_h, tile_w;      // spatial tile of the depthwise backward (shared memory with halos)
   int tile_channels;       // channels per depthwise backward tile
+  int conv_tile_h, conv_tile_w;  // largest spatial tile of the tiled depthwise conv (k <= 9); w a multiple of 8
+  int bwd_tile_h, bwd_tile_w;    // the same for the tiled depthwise backward pass 2
 };
 
 }  // namespace CMK_KNS

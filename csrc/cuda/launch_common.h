@@ -72,17 +72,19 @@ inline Problem make_problem(const at::Tensor& x, int64_t C, int64_t H, int64_t W
 }
 
 // Block geometry. GPU: 256 threads, 32 channel lanes in channels_last, ~2048 blocks per reduction,
-// 16x16 NCHW / 8x8x8 channels_last backward tiles. Emulation: one warp per block and small tiles and
+// 16x16 NCHW / 8x8x8 channels_last backward tiles, 32x32 tiles of the tiled forward conv, 16x16 of the tiled backward. Emulation: one
+// warp per block and small tiles and
 // splits, so that tile and split remainders occur on tiny test shapes.
 inline LaunchShape launch_shape(const Problem& p) {
 #if defined(CMK_CUDA_EMULATION)
   (void)p;
-  return LaunchShape{32, 4, 3, 4, 4, 4, 2};
+  return LaunchShape{32, 4, 3, 4, 4, 4, 2, 4, 8, 4, 8};
 #else
   const int cpb = p.channels_last ? 32 : 1;
   const int64_t groups = (p.C + cpb - 1) / cpb;
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(65535, 2048 / groups)));
-  return p.channels_last ? LaunchShape{256, cpb, splits, 4096, 8, 8, 8} : LaunchShape{256, cpb, splits, 4096, 16, 16, 1};
+  return p.channels_last ? LaunchShape{256, cpb, splits, 4096, 8, 8, 8, 32, 32, 16, 16}
+                         : LaunchShape{256, cpb, splits, 4096, 16, 16, 1, 32, 32, 16, 16};
 #endif
 }
 
