@@ -446,6 +446,18 @@ def format_markdown(rows) -> str:
     return "\n".join(out)
 
 
+def summary_rows(rows) -> list:
+    """The RESULTS.md view: bf16, channels_last (the GPU fast path), the first kept config per kernel, shape
+    and target."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r.backend, r.kernel, r.shape, r.target)
+        if r.dtype == "bf16" and r.layout in ("channels_last", "both") and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convmixer_kernels inspect", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="inspect_out", help="directory for report.csv, report.json, cubins")
@@ -456,7 +468,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true", help="only the CUDA kernels")
     ap.add_argument("--no-cuda", action="store_true", help="only the Triton kernels")
     ap.add_argument("--quick", action="store_true", help="Triton: the first pruned config per kernel only")
-    ap.add_argument("--markdown", action="store_true", help="also write report.md (the RESULTS.md table)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also write report.md (every row) and summary.md (the RESULTS.md table)")
     ap.add_argument("--measured", help="a bench_cuda.csv of `python -m convmixer_kernels bench` on a GPU: prints "
                                        "measured / static for the kernels it times alone")
     a = ap.parse_args(argv)
@@ -485,6 +498,8 @@ def main(argv=None) -> int:
     if a.markdown:
         with open(os.path.join(a.out, "report.md"), "w") as f:
             f.write(format_markdown(rows) + "\n")
+        with open(os.path.join(a.out, "summary.md"), "w") as f:
+            f.write(format_markdown(summary_rows(rows)) + "\n")
     print(f"wrote {a.out}/report.csv and report.json ({len(rows)} rows). Static estimates, not measurements.")
     if a.measured and os.path.exists(a.measured):
         print("measured / static:")
