@@ -210,16 +210,22 @@ def _row(backend, kernel, pass_, shape_name, dtype, layout, target, config, thre
                round(bound / floor, 2) if floor else float("nan"), note)
 
 
+def cuda_code(source: str, archs, cache_dir: str, log=print):
+    """(arch, "sm_<arch>", resources, SASS) per target of one csrc/cuda/*.cu, demangled; the build's
+    object holds every target, so each file is parsed once."""
+    parsed = {}
+    for arch in archs:
+        path = compile_cuda(os.path.join(CUDA_DIR, source), arch, cache_dir, log)
+        tag = f"sm_{arch}"
+        if path not in parsed:
+            parsed[path] = (sass.resource_usage(path, tag), sass.disassemble(path, tag))
+            sass.demangle_all(k[1] for k in parsed[path][1])
+        yield (arch, tag, path) + parsed[path]
+
+
 def cuda_rows(shapes, dtypes, layouts, archs, cache_dir, log=print) -> list:
     rows = []
-    cubins = {a: compile_cuda(os.path.join(CUDA_DIR, "dw_block.cu"), a, cache_dir, log) for a in archs}
-    parsed = {}
-    for arch, path in cubins.items():
-        tag = f"sm_{arch}"
-        if path not in parsed:  # the build's object holds every target: parse it once
-            parsed[path] = (sass.resource_usage(path, tag), sass.disassemble(path, tag))
-        res, code = parsed[path]
-        sass.demangle_all(k[1] for k in code)
+    for arch, tag, path, res, code in cuda_code("dw_block.cu", archs, cache_dir, log):
         names = {k: sass.demangle_cached(k[1]) for k in code}
 
         def lookup(pattern):
@@ -302,14 +308,7 @@ CAB_KERNELS = (("cab_stats_partial_kernel", "pointwise training statistics", lam
 
 def conv_act_bn_rows(shapes, dtypes, layouts, archs, cache_dir, log=print) -> list:
     rows = []
-    objs = {a: compile_cuda(os.path.join(CUDA_DIR, "conv_act_bn.cu"), a, cache_dir, log) for a in archs}
-    parsed = {}
-    for arch, path in objs.items():
-        tag = f"sm_{arch}"
-        if path not in parsed:
-            parsed[path] = (sass.resource_usage(path, tag), sass.disassemble(path, tag))
-        res, code = parsed[path]
-        sass.demangle_all(k[1] for k in code)
+    for arch, tag, path, res, code in cuda_code("conv_act_bn.cu", archs, cache_dir, log):
         for shape_name in shapes:
             act = ACT_CODE[SHAPES[shape_name]["act"]]
             for dtype in dtypes:
