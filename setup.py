@@ -6,6 +6,7 @@ Environment switches:
                              from source on the machine that runs it)
 """
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -15,6 +16,17 @@ import subprocess
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_stamp():
+    """Writes build/generated/cmk_build_stamp.h with the digest of csrc/ (see convmixer_kernels/_build_stamp.py).
+    bindings.cpp includes it by relative path rather than through an -I flag: a new flag would change
+    every compile command, and ninja would rebuild all the kernels for it."""
+    spec = importlib.util.spec_from_file_location("_build_stamp", os.path.join(ROOT, "convmixer_kernels", "_build_stamp.py"))
+    stamp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stamp)
+    out = os.path.join(ROOT, "build", "generated")
+    stamp.write_stamp_header(out, stamp.source_digest(os.path.join(ROOT, "csrc")))
 
 
 def find_cuda_home():
@@ -58,6 +70,7 @@ def extensions():
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-mprefer-vector-width=512")  # let auto-vectorized epilogues use AVX-512 where present
     # csrc/cuda_emu/*.cpp: the CUDA kernel sources compiled as host C++ against the emulator (always built).
+    write_stamp()
     sources = (sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cuda_emu", "*.cpp")))
                + [os.path.join("csrc", "bindings.cpp")])
     if not with_cuda:
