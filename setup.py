@@ -69,8 +69,8 @@ def extensions():
     cxx = ["-O3", "-fopenmp", f"-march={arch}", "-Wno-unknown-pragmas"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-mprefer-vector-width=512")  # let auto-vectorized epilogues use AVX-512 where present
-    # csrc/cuda_emu/*.cpp: the CUDA kernel sources compiled as host C++ against the emulator (always built).
     write_stamp()
+    # csrc/cuda_emu/*.cpp: the CUDA kernel sources compiled as host C++ against the emulator (always built).
     sources = (sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cuda_emu", "*.cpp")))
                + [os.path.join("csrc", "bindings.cpp")])
     if not with_cuda:
