@@ -29,6 +29,8 @@ SCHEMAS = {
     # dx = in_scale*du, din_scale = sum(du*x), din_shift = sum(du) per channel (empty without in_scale).
     # dy_means (2, C) or empty: a synchronized BN's global [mean dy, mean dy*ghat], used in dg instead of
     # this call's own; the reduction pass is then skipped and dgamma, dbeta come back empty.
+    # With batch_stats, mean/rstd are the forward's batch statistics; a backend may recentre ghat on the
+    # exact mean of g it recomputes (the CPU does: the saved mean is rounded, csrc/cpu/dw_block.cpp).
     "dw_block_backward":
         "(Tensor dy, Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, "
         "Tensor mean, Tensor rstd, bool batch_stats, Tensor dy_means, str act, str backend) "
@@ -80,6 +82,9 @@ def register_backend_dispatch(name: str):
 
     def impl(*args):
         args = list(args)
+        if args[0].numel() == 0:  # the kernels' grid and split arithmetic assume a non-empty input
+            raise ValueError(f"{qualname(name)}: empty input of shape {tuple(args[0].shape)}; the functional "
+                             f"API (dw_block, conv_act_bn) handles an empty batch as nn.BatchNorm2d does")
         backend = backends.get_backend(args[-1])
         args[act_pos] = ACT_CODES[args[act_pos]]
         # Launchers pick their own precisions; autocast must not re-cast their internal GEMMs.
@@ -176,7 +181,8 @@ def update_running_stats_(running_mean, running_var, num_batches_tracked, moment
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if momentum is None:
-        m = (1.0 / num_batches_tracked).to(running_mean.dtype)
+        # 1/n in double, as nn.BatchNorm2d's Python float (1.0 / long would be fp32, off by ~3e-9 in fp64)
+        m = (1.0 / num_batches_tracked.double()).to(running_mean.dtype)
     else:
         m = momentum
     unbiased = batch_var * (count / (count - 1))

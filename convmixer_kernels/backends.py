@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,6 +23,37 @@ CUDA_WINNERS = {
     "dw_block": "triton",
     "conv_act_bn": "triton",
 }
+
+
+# Why a backend's results are not bitwise reproducible from run to run (README "Determinism"); the
+# others are, at a fixed thread count (CPU) or on one GPU model (CUDA: fixed-order reductions, no atomics).
+NONDETERMINISTIC = {
+    "triton": "its autotuner picks tile shapes by timing, and the tile shape sets the summation order of "
+              "the per-channel reductions and the GEMMs, so two processes can differ in the last bits",
+}
+
+
+def nondeterminism(name: str) -> Optional[str]:
+    """Why backend `name` is not run-to-run reproducible, or None. Triton's interpreter runs one fixed
+    config per kernel, so it is reproducible."""
+    if name == "triton" and _triton_interpreting():
+        return None
+    return NONDETERMINISTIC.get(name)
+
+
+def check_deterministic(name: str, op: str):
+    """Under torch.use_deterministic_algorithms(True), a backend that cannot promise reproducible results
+    raises as PyTorch's own ops do (or warns, with warn_only=True)."""
+    reason = nondeterminism(name)
+    if reason is None or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"convmixer_kernels: {op} with backend {name!r} does not have a deterministic implementation "
+           f"({reason}), but you set 'torch.use_deterministic_algorithms(True)'. Use backend='cuda' (which "
+           f"backend='auto' then picks), or torch.use_deterministic_algorithms(True, warn_only=True)")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
 
 
 @dataclass
@@ -116,6 +148,8 @@ def resolve(requested: str, device: torch.device, op: str) -> str:
             name = "cpu"
         elif device.type == "cuda":
             name = CUDA_WINNERS[op]
+            if nondeterminism(name) and torch.are_deterministic_algorithms_enabled() and _load("cuda") is not None:
+                name = "cuda"
             if _load(name) is None:
                 other = "cuda" if name == "triton" else "triton"
                 if _load(other) is None:
@@ -130,6 +164,7 @@ def resolve(requested: str, device: torch.device, op: str) -> str:
     if device.type not in b.devices and not (name == "triton" and _triton_interpreting() and device.type == "cpu"):
         raise RuntimeError(f"convmixer_kernels: backend {name!r} cannot run on {device.type} tensors "
                            f"(it takes {', '.join(b.devices)} tensors)")
+    check_deterministic(name, op)
     return name
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .sync_bn import SyncedStats, check_global_count, empty_in_graph, resolve_group, sync_options
+from .sync_bn import (SyncedStats, check_global_count, empty_batch_result, empty_in_graph, resolve_group,
+                      sync_options)
 from ._library import (PendingBN, autocast_inputs, bn_affine, bn_operands, check_act, check_block_input, check_training_count,
                        dense, is_channels_last, op, qualname, register_backend_dispatch, update_running_stats_)
 
@@ -118,9 +119,12 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"conv_act_bn: input spatial size {tuple(x.shape[2:])} is smaller than the patch {patch}")
     count = x.shape[0] * (x.shape[2] // patch) * (x.shape[3] // patch)
     sync = sync_bn and training
+    name = backends.resolve(backend, x.device, "conv_act_bn")
+    if x.shape[0] == 0 and not sync:  # no statistics to defer: the empty output itself, even with defer_bn
+        return empty_batch_result(_output_like(x, cout, patch), training, running_mean, num_batches_tracked,
+                                  x, weight, bias, gamma, beta)
     if not sync:
         check_training_count("conv_act_bn", count, training)
-    name = backends.resolve(backend, x.device, "conv_act_bn")
     if name == "reference":
         if sync:
             raise NotImplementedError("conv_act_bn: sync_bn with backend='reference'; the unfused reference is "

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .sync_bn import SyncedDepthwiseBlock, check_global_count, resolve_group, sync_options
+from .sync_bn import SyncedDepthwiseBlock, check_global_count, empty_batch_result, resolve_group, sync_options
 from ._library import (ACT_CODES, PendingBN, acc_dtype, autocast_inputs, bn_operands, check_act, check_block_input,
                        check_training_count, dense, op, qualname, register_backend_dispatch,
                        update_running_stats_)
@@ -106,9 +106,12 @@ def dw_block(x: Union[torch.Tensor, PendingBN], weight: torch.Tensor, bias: Opti
             raise ValueError(f"dw_block: {name} has shape {tuple(t.shape)}, expected ({C},) to match the input channels")
     count = x.shape[0] * x.shape[2] * x.shape[3]
     sync = sync_bn and training
+    name = backends.resolve(backend, x.device, "dw_block")
+    if x.shape[0] == 0 and not sync:  # a synchronized BN still joins the collectives (sync_bn.py)
+        return empty_batch_result(torch.empty_like(x), training, running_mean, num_batches_tracked,
+                                  x, weight, bias, gamma, beta, in_scale, in_shift)
     if not sync:
         check_training_count("dw_block", count, training)
-    name = backends.resolve(backend, x.device, "dw_block")
     if in_scale is not None:
         acc = acc_dtype(x.dtype)
         in_scale, in_shift = in_scale.to(acc), in_shift.to(acc)

@@ -82,7 +82,19 @@ def empty_in_graph(empty: torch.Tensor, *inputs) -> torch.Tensor:
     """`empty` (no elements) made a function of `inputs` for autograd, so that on a rank with an empty
     local batch the backward still reaches, and runs the all_reduce of, every earlier BN layer."""
     live = [t.sum() for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return empty + sum(live) * 0 if live and torch.is_grad_enabled() else empty
+    if not live or not torch.is_grad_enabled():
+        return empty
+    return (empty + sum(live) * 0).as_strided(empty.shape, empty.stride())  # keeps empty's layout
+
+
+def empty_batch_result(empty: torch.Tensor, training: bool, running_mean, num_batches_tracked, *inputs) -> torch.Tensor:
+    """nn.Conv2d + nn.BatchNorm2d on an empty batch (N = 0): an empty output, in the autograd graph of
+    `inputs`; in training with running statistics num_batches_tracked still counts the batch, and the
+    running statistics are left as they are (PyTorch does both)."""
+    if training and running_mean is not None and num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    return empty_in_graph(empty, *inputs)
 
 
 class SyncedStats(torch.autograd.Function):
@@ -198,5 +210,5 @@ def sync_options(bn) -> dict:
     return dict(sync_bn=False, process_group=None)
 
 
-__all__ = ["SyncBatchNorm2d", "SyncedStats", "SyncedDepthwiseBlock", "empty_in_graph", "gather_merge_stats",
+__all__ = ["SyncBatchNorm2d", "SyncedStats", "SyncedDepthwiseBlock", "empty_batch_result", "empty_in_graph", "gather_merge_stats",
            "resolve_group", "sync_options"]

@@ -222,8 +222,10 @@ def test_launcher_outputs_match_cpu_contract(layout):
                                               (True, (sc, sh), False), (False, (sc, sh), False)):
         outs = [tb.dw_block_forward(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0),
                 _C.dw_block_forward_cpu(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0)]
-        bw = [tb.dw_block_backward(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, e, 0),
-              _C.dw_block_backward_cpu(x, x, isc, ish, w, b, g, mean, rstd, batch_stats, e, 0)]
+        # With batch statistics the backward takes the forward's (the CPU recentres on the exact batch mean)
+        bm, br = (outs[1][1], outs[1][2]) if batch_stats else (mean, rstd)
+        bw = [tb.dw_block_backward(x, x, isc, ish, w, b, g, bm, br, batch_stats, e, 0),
+              _C.dw_block_backward_cpu(x, x, isc, ish, w, b, g, bm, br, batch_stats, e, 0)]
         wp = torch.randn(6, 4, 1, 1)
         bp = torch.randn(6)
         g6, be6, m6, r6 = torch.randn(6), torch.randn(6), torch.randn(6), torch.rand(6) + 0.5
@@ -231,9 +233,10 @@ def test_launcher_outputs_match_cpu_contract(layout):
                _C.conv_act_bn_forward_cpu(x, wp, bp, g6, be6, m6, r6, batch_stats, 1e-5, 2, 1, True, apply_bn)]
         dy = torch.randn_like(cab[1][0])
         dm, dr = (e, e) if apply_bn else (torch.randn(6), torch.randn(6))
-        cabw = [tb.conv_act_bn_backward(dy, x, wp, bp, g6, m6, r6, cab[0][1], dm, dr, batch_stats, 2, 1, apply_bn,
+        cm, cr = (cab[1][2], cab[1][3]) if batch_stats else (m6, r6)
+        cabw = [tb.conv_act_bn_backward(dy, x, wp, bp, g6, cm, cr, cab[0][1], dm, dr, batch_stats, 2, 1, apply_bn,
                                         batch_stats),
-                _C.conv_act_bn_backward_cpu(dy, x, wp, bp, g6, m6, r6, cab[1][1], dm, dr, batch_stats, 2, 1, apply_bn,
+                _C.conv_act_bn_backward_cpu(dy, x, wp, bp, g6, cm, cr, cab[1][1], dm, dr, batch_stats, 2, 1, apply_bn,
                                             batch_stats)]
         for a, c in (outs, bw, cab, cabw):
             assert len(a) == len(c)

@@ -2,8 +2,11 @@
 small reduction kernels (statistics finalize, partial sums), and launcher utilities.
 
 The formulas match csrc/common/block_math.h (the C++ backends' single source of truth):
-  GELU(t)      = t/2 * (1 + erf(t/sqrt(2)))          GELU'(t)      = Phi(t) + t*phi(t)
-  tanh-GELU(t) = t/2 * (1 + tanh(u)), u = sqrt(2/pi)*(t + 0.044715 t^3), tanh(u) = 1 - 2/(exp(2u)+1)
+  GELU(t)      = t * Phi(t)                          GELU'(t)      = Phi(t) + t*phi(t)
+                 Phi(t) = erfc(-t/sqrt2)/2, erfc by Numerical Recipes' fit (block_math.h normal_cdf: no
+                 1 + erf cancellation in the tail)
+  tanh-GELU(t) = t/2 * (1 + tanh(u)) = t*s,  u = sqrt(2/pi)*(t + 0.044715 t^3),  s = 1/(1 + exp(-2u))
+                 tanh-GELU'(t) = s + 2 t s (1 - s) u'(t)   (no 1 + tanh(u) cancellation for u << 0)
   ReLU(t)      = t <= 0 ? 0 : t (NaN propagates)     ReLU'(t)      = [t > 0] (NaN gives NaN)
   Chan merge of (n_a, mean_a, M2_a) and (n_b, mean_b, M2_b):
       n = n_a + n_b, d = mean_b - mean_a, mean = mean_a + d*n_b/n, M2 = M2_a + M2_b + d^2*n_a*n_b/n
@@ -26,19 +29,34 @@ ACT_GELU, ACT_GELU_TANH, ACT_RELU = 0, 1, 2  # _library.ACT_CODES / block_math.h
 # --- device functions -------------------------------------------------------------------------------
 
 @triton.jit
-def tanh_exp(u):
-    # tanh(u) = 1 - 2/(exp(2u) + 1): saturates to +-1 for large |u| (block_math.h fast_tanh).
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+def normal_cdf(t):
+    # Phi(t) = erfc(-t/sqrt2)/2, erfc(z) = u*exp(-z^2 + P(u)), u = 1/(1 + z/2) (block_math.h normal_cdf);
+    # float64 keeps erf (the fit is fp32-accurate only; the fp64 path is for gradcheck).
+    if t.dtype == tl.float64:
+        return 0.5 * (1.0 + tl.erf(t * 0.70710678118654752440))
+    z = tl.abs(t) * 0.70710678118654752440
+    u = 1.0 / (1.0 + 0.5 * z)
+    p = 0.17087277 * u - 0.82215223
+    p = p * u + 1.48851587
+    p = p * u - 1.13520398
+    p = p * u + 0.27886807
+    p = p * u - 0.18628806
+    p = p * u + 0.09678418
+    p = p * u + 0.37409196
+    p = p * u + 1.00002368
+    p = p * u - 1.26551223
+    half_erfc = 0.5 * u * tl.exp(p - z * z)
+    return tl.where(t < 0.0, half_erfc, 1.0 - half_erfc)
 
 
 @triton.jit
 def act_forward(t, ACT: tl.constexpr):
     # g = act(t); see the module docstring.
     if ACT == 0:
-        return 0.5 * t * (1.0 + tl.erf(t * 0.70710678118654752440))
+        return t * normal_cdf(t)
     elif ACT == 1:
         u = 0.79788456080286535588 * (t + 0.044715 * t * t * t)
-        return 0.5 * t * (1.0 + tanh_exp(u))
+        return t / (1.0 + tl.exp(-2.0 * u))
     else:
         return tl.where(t <= 0.0, 0.0, t)
 
@@ -47,14 +65,14 @@ def act_forward(t, ACT: tl.constexpr):
 def act_backward(t, ACT: tl.constexpr):
     # act'(t): GELU' = Phi(t) + t*phi(t); tanh-GELU' by the chain rule; ReLU' = [t > 0] (NaN kept).
     if ACT == 0:
-        cdf = 0.5 * (1.0 + tl.erf(t * 0.70710678118654752440))
+        cdf = normal_cdf(t)
         pdf = 0.39894228040143267794 * tl.exp(-0.5 * t * t)
         return cdf + t * pdf
     elif ACT == 1:
         u = 0.79788456080286535588 * (t + 0.044715 * t * t * t)
-        th = tanh_exp(u)
+        s = 1.0 / (1.0 + tl.exp(-2.0 * u))
         du = 0.79788456080286535588 * (1.0 + 3.0 * 0.044715 * t * t)
-        return 0.5 * (1.0 + th) + 0.5 * t * (1.0 - th * th) * du
+        return s * (1.0 + 2.0 * t * (1.0 - s) * du)
     else:
         return tl.where(t > 0.0, 1.0, tl.where(t != t, t, 0.0))
 

@@ -46,67 +46,65 @@ CMK_HD float fast_exp(float x) {
 }
 CMK_HD double fast_exp(double x) { return std::exp(x); }
 
-CMK_HD float fast_erf(float a) {
+// Phi(t), the standard normal CDF, the GELU gate. Not as (1 + erf(t/sqrt2))/2: for t << 0 that sum
+// cancels, and erf's absolute rounding error (~1e-7) becomes the whole result (GELU(-4) = -1.3e-4 came
+// out with ~1e-7 absolute error, PyTorch's own CPU gelu likewise), which BatchNorm's rstd then amplifies
+// when a channel's values sit in the tail. Instead Phi(t) = erfc(-t/sqrt2)/2 with erfc from Numerical
+// Recipes' Chebyshev fit erfc(z) = u*exp(-z^2 + P(u)), u = 1/(1 + z/2) (relative error < 1.2e-7 for
+// all z >= 0): accurate in relative terms in the tail, and 1 - erfc(z)/2 for t >= 0 does not cancel.
+CMK_HD float normal_cdf(float t) {
 #if defined(__CUDA_ARCH__)
-  return erff(a);
+  return normcdff(t);
 #else
-  // Rational approximation on [-4, 4] (outside it erf is +-1 in fp32), the one used by Eigen and XLA.
-  float x = a < 4.f ? a : 4.f;  // comparisons written so that NaN falls through unchanged
-  x = x > -4.f ? x : -4.f;
-  x = (a != a) ? a : x;
-  const float x2 = x * x;
-  float p = -2.72614225801306e-10f;
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 + -2.10102402082508e-06f;
-  p = p * x2 + -5.69250639462346e-05f;
-  p = p * x2 + -7.34990630326855e-04f;
-  p = p * x2 + -2.95459980854025e-03f;
-  p = p * x2 + -1.60960333262415e-02f;
-  p = p * x;
-  float q = -1.45660718464996e-05f;
-  q = q * x2 + -2.13374055278905e-04f;
-  q = q * x2 + -1.68282697438203e-03f;
-  q = q * x2 + -7.37332916720468e-03f;
-  q = q * x2 + -1.42647390514189e-02f;
-  return p / q;
+  const float z = (t < 0.f ? -t : t) * 0.70710678118654752440f;
+  const float u = 1.f / (1.f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * u - 0.82215223f;
+  p = p * u + 1.48851587f;
+  p = p * u - 1.13520398f;
+  p = p * u + 0.27886807f;
+  p = p * u - 0.18628806f;
+  p = p * u + 0.09678418f;
+  p = p * u + 0.37409196f;
+  p = p * u + 1.00002368f;
+  p = p * u - 1.26551223f;
+  const float half_erfc = 0.5f * u * fast_exp(p - z * z);
+  return t < 0.f ? half_erfc : 1.f - half_erfc;  // NaN: z, u, p are NaN and so is the result
 #endif
 }
-CMK_HD double fast_erf(double x) { return std::erf(x); }
+CMK_HD double normal_cdf(double t) { return 0.5 * std::erfc(-t * 0.70710678118654752440); }
 
-template <typename T>
-CMK_HD T fast_tanh(T u) {
-  // tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly to +-1 for large |u|.
-  return T(1) - T(2) / (fast_exp(T(2) * u) + T(1));
-}
-
-// g = act(t).  GELU(t) = t * Phi(t);  tanh-GELU(t) = t/2 * (1 + tanh(sqrt(2/pi) (t + 0.044715 t^3)));
+// g = act(t).  GELU(t) = t * Phi(t);  tanh-GELU(t) = t/2 * (1 + tanh(u)), u = sqrt(2/pi) (t + 0.044715 t^3),
+// evaluated as t * s with s = (1 + tanh(u))/2 = 1/(1 + exp(-2u)): 1 + tanh(u) cancels for u << 0 (it
+// had ~1.6x PyTorch's mean error there, which BN's rstd amplifies when |mean| >> std), the sigmoid does not.
 // ReLU written so that NaN propagates (as torch.relu does).
 template <int ACT, typename T>
 CMK_HD T act_forward(T t) {
   if (ACT == kGelu) {
-    return T(0.5) * t * (T(1) + fast_erf(t * T(0.70710678118654752440)));
+    return t * normal_cdf(t);
   } else if (ACT == kGeluTanh) {
     const T u = T(0.79788456080286535588) * (t + T(0.044715) * t * t * t);
-    return T(0.5) * t * (T(1) + fast_tanh(u));
+    return t / (T(1) + fast_exp(T(-2) * u));
   } else {
     return t <= T(0) ? T(0) : t;
   }
 }
 
-// act'(t).  GELU'(t) = Phi(t) + t phi(t);  tanh-GELU' by the chain rule;  ReLU'(t) = [t > 0]
+// act'(t).  GELU'(t) = Phi(t) + t phi(t);  tanh-GELU'(t) = s + 2 t s (1 - s) u'(t) with s as above (the
+// chain rule on t*s, ds/du = 2 s (1 - s));  ReLU'(t) = [t > 0]
 // (NaN in t gives NaN, so a NaN input is never masked in the backward either).
 template <int ACT, typename T>
 CMK_HD T act_backward(T t) {
   if (ACT == kGelu) {
-    const T cdf = T(0.5) * (T(1) + fast_erf(t * T(0.70710678118654752440)));
+    const T cdf = normal_cdf(t);
     const T pdf = T(0.39894228040143267794) * fast_exp(T(-0.5) * t * t);
     return cdf + t * pdf;
   } else if (ACT == kGeluTanh) {
     const T k = T(0.79788456080286535588);
     const T u = k * (t + T(0.044715) * t * t * t);
-    const T th = fast_tanh(u);
+    const T sg = T(1) / (T(1) + fast_exp(T(-2) * u));
     const T du = k * (T(1) + T(3 * 0.044715) * t * t);
-    return T(0.5) * (T(1) + th) + T(0.5) * t * (T(1) - th * th) * du;
+    return sg * (T(1) + T(2) * t * (T(1) - sg) * du);
   } else {
     return t > T(0) ? T(1) : (t != t ? t : T(0));
   }

@@ -190,25 +190,32 @@ void apply_pass(const PCQ& s, const acc_t* T, const scalar_t* bias, scalar_t* t_
 }
 
 // Backward elementwise work over (P, C, Q).
-//   reduce_only: sums sum(dy), sum(dy*ghat) per channel.
+//   reduce_only: sums sum(dy), sum(dy*ghat) and sum(g - mean) per channel.
 //   otherwise  : dt = a*(dy - c1 - ghat*c2)*act'(t) into dT, and sum(dt), sum(dy), sum(dy*ghat).
+// ghat = ((g - mean) - delta)*rstd: delta (null: 0) recentres ghat on the exact mean of g, which the
+// rounded mean misses by up to ulp(mean)/2 (see the backward's comment in dw_block.cpp for why it matters).
 template <typename scalar_t, bool CL, int A, bool FORM_DT>
 void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
-                   const double* a, const double* c1, const double* c2, scalar_t* dT, double* sum_dt,
-                   double* sum_dy, double* sum_dyg) {
+                   const double* delta, const double* a, const double* c1, const double* c2, scalar_t* dT,
+                   double* sum_dt, double* sum_dy, double* sum_dyg) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = num_blocks<CL>(s);
   constexpr bool form_dt = FORM_DT;
   const int nthreads = at::get_num_threads();
   std::vector<double> part(static_cast<size_t>(nthreads) * 3 * s.C, 0.0);
-  std::vector<acc_t> mu(s.C), rs(s.C), av(s.C), k1(s.C), k2(s.C);
+  // dg = a*(dy - c1 - ghat*c2) is formed in double: with few values per channel its terms nearly
+  // cancel, and their acc_t rounding, amplified by a = gamma*rstd, would be most of the result.
+  std::vector<acc_t> mu(s.C), rs(s.C);
+  std::vector<double> mud(s.C), rsd(s.C), av(s.C), k1(s.C), k2(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     mu[c] = static_cast<acc_t>(mean[c]);
     rs[c] = static_cast<acc_t>(rstd[c]);
+    mud[c] = static_cast<double>(mu[c]) + (delta ? delta[c] : 0.0);
+    rsd[c] = rs[c];
     if (form_dt) {
-      av[c] = static_cast<acc_t>(a[c]);
-      k1[c] = static_cast<acc_t>(c1[c]);
-      k2[c] = static_cast<acc_t>(c2[c]);
+      av[c] = a[c];
+      k1[c] = c1[c];
+      k2[c] = c2[c];
     }
   }
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
@@ -228,39 +235,50 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t tv = static_cast<acc_t>(t[o + c]);
             const acc_t d = static_cast<acc_t>(dy[o + c]);
-            const acc_t gh = (act_forward<A>(tv) - mu[c]) * rs[c];
-            sdy[c] += d;
-            sdyg[c] += d * gh;
+            const acc_t gv = act_forward<A>(tv);
             if constexpr (form_dt) {
-              const acc_t dt = av[c] * (d - k1[c] - gh * k2[c]) * act_backward<A>(tv);
+              const double gh = (static_cast<double>(gv) - mud[c]) * rsd[c];
+              sdy[c] += d;
+              sdyg[c] += static_cast<acc_t>(d * gh);
+              const acc_t dg = static_cast<acc_t>(av[c] * (static_cast<double>(d) - k1[c] - gh * k2[c]));
+              const acc_t dt = dg * act_backward<A>(tv);
               dT[o + c] = static_cast<scalar_t>(dt);
               sdt[c] += dt;
+            } else {  // reduce pass: sum(g - mean) in the sum(dt) slot
+              const acc_t gc = gv - mu[c];
+              sdy[c] += d;
+              sdyg[c] += d * (gc * rs[c]);
+              sdt[c] += gc;
             }
           }
         } else {
           for (int64_t c = 0; c < s.C; ++c) {
             const int64_t o = (p * s.C + c) * s.Q;
-            const acc_t m = mu[c], r = rs[c], aa = av[c], kk1 = k1[c], kk2 = k2[c];
+            const acc_t m = mu[c], r = rs[c];
+            const double md = mud[c], rd = rsd[c], aa = av[c], kk1 = k1[c], kk2 = k2[c];
             acc_t s0 = 0, s1 = 0, s2 = 0;
             if constexpr (form_dt) {
 #pragma omp simd reduction(+ : s0, s1, s2)
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t tv = static_cast<acc_t>(t[o + q]);
                 const acc_t d = static_cast<acc_t>(dy[o + q]);
-                const acc_t gh = (act_forward<A>(tv) - m) * r;
-                const acc_t dt = aa * (d - kk1 - gh * kk2) * act_backward<A>(tv);
+                const double gh = (static_cast<double>(act_forward<A>(tv)) - md) * rd;
+                const acc_t dg = static_cast<acc_t>(aa * (static_cast<double>(d) - kk1 - gh * kk2));
+                const acc_t dt = dg * act_backward<A>(tv);
                 dT[o + q] = static_cast<scalar_t>(dt);
                 s0 += dt;
                 s1 += d;
-                s2 += d * gh;
+                s2 += static_cast<acc_t>(d * gh);
               }
             } else {
-#pragma omp simd reduction(+ : s1, s2)
+#pragma omp simd reduction(+ : s0, s1, s2)
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t tv = static_cast<acc_t>(t[o + q]);
                 const acc_t d = static_cast<acc_t>(dy[o + q]);
+                const acc_t gc = act_forward<A>(tv) - m;
+                s0 += gc;
                 s1 += d;
-                s2 += d * (act_forward<A>(tv) - m) * r;
+                s2 += d * (gc * r);
               }
             }
             sdt[c] += s0;
@@ -290,14 +308,15 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
   }
 }
 
+// dT null: the reduce pass (sum_dt then receives sum(g - mean)).
 template <typename scalar_t, bool CL, int A>
 void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
-                   const double* a, const double* c1, const double* c2, scalar_t* dT, double* sum_dt,
-                   double* sum_dy, double* sum_dyg) {
+                   const double* delta, const double* a, const double* c1, const double* c2, scalar_t* dT,
+                   double* sum_dt, double* sum_dy, double* sum_dyg) {
   if (dT)
-    backward_pass_impl<scalar_t, CL, A, true>(s, dy, t, mean, rstd, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
+    backward_pass_impl<scalar_t, CL, A, true>(s, dy, t, mean, rstd, delta, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
   else
-    backward_pass_impl<scalar_t, CL, A, false>(s, dy, t, mean, rstd, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
+    backward_pass_impl<scalar_t, CL, A, false>(s, dy, t, mean, rstd, delta, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
 }
 
 
@@ -335,6 +354,12 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
                                             int64_t patch, bool save_t, bool apply_bn) {
   check_cab_inputs(x, weight, bias, gamma, beta, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
+  if (use_exact_training(x.scalar_type(), batch_stats, g.N * g.Ho * g.Wo)) {
+    auto o = conv_act_bn_forward(to_double(x), to_double(weight), to_double(bias), to_double(gamma), to_double(beta),
+                                 to_double(mean), to_double(rstd), batch_stats, eps, act, patch, save_t, apply_bn);
+    const auto acc = gamma.scalar_type();
+    return {o[0].to(x.scalar_type()), o[1].to(x.scalar_type()), o[2].to(acc), o[3].to(acc), o[4].to(acc)};
+  }
   const PCQ s = pcq_of(g);
   const auto acc_opts = gamma.options();
   // The GEMM output stays in the accumulation type (fp32 for bf16/fp16 inputs), so t = T + b is
@@ -403,6 +428,15 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                              int64_t act, int64_t patch, bool apply_bn, bool need_dx) {
   check_cab_inputs(x, weight, bias, gamma, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
+  if (use_exact_training(x.scalar_type(), batch_stats, g.N * g.Ho * g.Wo)) {
+    // t is recomputed in double from x (a saved t is rounded to x's dtype).
+    auto o = conv_act_bn_backward(to_double(dy_in), to_double(x), to_double(weight), to_double(bias),
+                                  to_double(gamma), to_double(mean), to_double(rstd), at::empty({0}, x.options().dtype(at::kDouble)),
+                                  to_double(dmean), to_double(drstd), batch_stats, act, patch, apply_bn, need_dx);
+    const auto acc = gamma.scalar_type();
+    return {o[0].to(x.scalar_type()), o[1].to(weight.scalar_type()), o[2].to(bias.scalar_type()), o[3].to(acc),
+            o[4].to(acc)};
+  }
   const PCQ s = pcq_of(g);
   const auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.Ho &&
@@ -431,7 +465,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     dispatch_layout_act(g.cl, act, [&](auto CL, auto ACT) {
       constexpr bool cl = decltype(CL)::value;
       constexpr int A = decltype(ACT)::value;
-      at::Tensor c1 = at::zeros_like(sum_dy), c2 = at::zeros_like(sum_dy);
+      at::Tensor c1 = at::zeros_like(sum_dy), c2 = at::zeros_like(sum_dy), delta;
       if (!apply_bn) {
         // dy is dL/dg; the batch mean and rstd had gradients of their own (the next block's input
         // affine used them): dg += dmean/M - drstd*rstd^2*ghat/M, i.e. c1 = -dmean/M, c2 = drstd*rstd^2/M.
@@ -440,13 +474,15 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
       } else if (batch_stats) {
         backward_pass<scalar_t, cl, A>(s, dy.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
                                        mean_d.const_data_ptr<double>(), rstd_d.const_data_ptr<double>(), nullptr,
-                                       nullptr, nullptr, nullptr, nullptr, sum_dy.data_ptr<double>(),
-                                       sum_dyg.data_ptr<double>());
+                                       nullptr, nullptr, nullptr, nullptr, sum_dt.data_ptr<double>(),
+                                       sum_dy.data_ptr<double>(), sum_dyg.data_ptr<double>());
+        delta = sum_dt / M;  // exact mean of g minus the saved (rounded) one
         c1 = sum_dy / M;
-        c2 = sum_dyg / M;
+        c2 = (sum_dyg - delta * rstd_d * sum_dy) / M;
       }
       backward_pass<scalar_t, cl, A>(s, dy.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
                                      mean_d.const_data_ptr<double>(), rstd_d.const_data_ptr<double>(),
+                                     delta.defined() ? delta.const_data_ptr<double>() : nullptr,
                                      a.const_data_ptr<double>(), c1.const_data_ptr<double>(),
                                      c2.const_data_ptr<double>(), dT.data_ptr<scalar_t>(), sum_dt.data_ptr<double>(),
                                      sum_dy.data_ptr<double>(), sum_dyg.data_ptr<double>());

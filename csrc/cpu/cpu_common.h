@@ -62,5 +62,18 @@ inline void check_activation_tensor(const char* op, const at::Tensor& x) {
               op, ": unsupported dtype ", x.scalar_type());
 }
 
+// Few values per channel (M = N*H*W) make BatchNorm's training gradient ill-conditioned: dg =
+// a*(dy - mean(dy) - ghat*mean(dy*ghat)) nearly cancels, and db = sum dg*act'(t), dw = sum dg*act'(t)*x
+// cancel again (sum dg = 0), so the fp32 rounding of t, g and act'(t) (noise of ~1 ulp each, amplified
+// by rstd and the cancellations) is most of the result. Even correctly rounded fp32 intermediates then
+// land on either side of 2x PyTorch's own fp32 error (which is noise of the same size) from case to case.
+// So at these counts the training passes run the same kernels in double and round once at the end:
+// exact up to that rounding, and cheap at this size (the double kernels are about half the fp32 rate).
+constexpr int64_t kExactTrainingMaxCount = 512;
+inline bool use_exact_training(at::ScalarType dtype, bool batch_stats, int64_t count) {
+  return batch_stats && dtype != at::kDouble && count <= kExactTrainingMaxCount;
+}
+inline at::Tensor to_double(const at::Tensor& t) { return t.to(at::kDouble); }
+
 }  // namespace cpu
 }  // namespace cmk

@@ -621,6 +621,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
         }
         if (stats_only) continue;  // synchronized BN: the apply runs later with the global statistics
         affine(group, scale, shift);
+        // shift = beta - mean*scale with the unrounded mean: the acc_t mean is off by up to ulp(mean)/2,
+        // an output error of scale*ulp(mean)/2 when |mean| >> std (the backward's delta, see backward_impl).
+        const auto be = group_lanes<acc_t, CL>(g, betap, group);
+        for (int l = 0; l < VL; ++l)
+          shift[l] = static_cast<acc_t>(be[l] - sum[CL ? l : 0] / static_cast<double>(M) * scale[l]);
         for (int64_t n = 0; n < g.N; ++n) {
           gather_plane<scalar_t, acc_t, CL>(g, xp, n, group, s.aux.data(), in_aff);
           apply(s.aux.data(), G + n * len, scale.data(), shift.data());
@@ -683,24 +688,42 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         acc_t* T = s.batch.data();
         acc_t* dyb = s.aux.data();
 
-        // Pass 1: recompute t into the scratch, reduce sum(dy) and sum(dy * ghat) (not with dy_means: a
-        // synchronized BN's reduce op already formed them).
-        double sdy[VL] = {0}, sdyg[VL] = {0};
+        // Pass 1: recompute t into the scratch, reduce sum(dy), sum(dy * ghat) and sum(g - mean) (not
+        // with dy_means: a synchronized BN's reduce op already formed them).
+        //
+        // Why sum(g - mean): the saved mean is the batch mean rounded to acc_t, off from the mean of g by
+        // delta <= ulp(mean)/2, which is large against std when |mean| >> std or M is tiny. ghat computed
+        // with it then does not sum to zero, and dg = a*(dy - c1 - ghat*c2) gets a common component
+        // a*rstd*delta*c2 that dw = sum dt*x and db = sum dt multiply by the full mean of x and act'(t):
+        // with few values per channel that was our gradients' dominant error (5-10x PyTorch's fp32 error).
+        // So delta = sum(g - mean)/M is measured here (g recomputed bitwise as in the forward) and
+        // ghat = ((g - mean) - delta)*rstd is centred exactly; sum(dy*ghat) is corrected by -delta*rstd*sum(dy).
+        double sdy[VL] = {0}, sdyg[VL] = {0}, sgc[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
           acc_t* tn = T + n * len;
           conv_plane<acc_t, CL>(g, s.pad.data(), wt.data(), bv.data(), tn);
           if (dmp) continue;
           gather_plane<scalar_t, acc_t, CL>(g, dyp, n, group, dyb);
-          acc_t p1[VL] = {0}, p2[VL] = {0};
+          acc_t p1[VL] = {0}, p2[VL] = {0}, p3[VL] = {0};
           for (int64_t e = 0; e < len; e += VL)
             for (int l = 0; l < VL; ++l) {
-              const acc_t d = (e + l < valid) ? dyb[e + l] : acc_t(0);
+              const bool in = e + l < valid;
+              const acc_t d = in ? dyb[e + l] : acc_t(0);
+              const acc_t gc = in ? act_forward<A>(tn[e + l]) - mu[l] : acc_t(0);
               p1[l] += d;
-              p2[l] += d * ((act_forward<A>(tn[e + l]) - mu[l]) * rs[l]);
+              p2[l] += d * (gc * rs[l]);
+              p3[l] += gc;
             }
           reduce_lanes<acc_t, CL>(p1, sdy);
           reduce_lanes<acc_t, CL>(p2, sdyg);
+          reduce_lanes<acc_t, CL>(p3, sgc);
+        }
+        double delta[VL];
+        for (int l = 0; l < VL; ++l) {
+          const int lc = CL ? l : 0;
+          delta[l] = (batch_stats && !dmp && !redp) ? sgc[lc] / static_cast<double>(M) : 0.0;
+          if (l == lc) sdyg[l] -= delta[l] * static_cast<double>(rs[l]) * sdy[l];
         }
         if (redp) {
           for (int64_t c = 0; c < cb; ++c) {
@@ -711,12 +734,16 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         }
         // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat) over the
         // batch (this call's, or the global batch's from dy_means under synchronized BN).
-        acc_t a[VL], c1[VL], c2[VL];
+        // In double: with few values per channel dy - c1 and ghat*c2 nearly cancel, so acc_t rounding
+        // of the terms, amplified by gamma*rstd, would be most of dg (a few ops next to 2k^2 FMAs).
+        double a[VL], c1[VL], c2[VL], mud[VL], rsd[VL];
         for (int l = 0; l < VL; ++l) {
           const int lc = CL ? l : 0;
-          a[l] = ga[l] * rs[l];
-          c1[l] = batch_stats ? static_cast<acc_t>(sdy[lc] / static_cast<double>(M)) : acc_t(0);
-          c2[l] = batch_stats ? static_cast<acc_t>(sdyg[lc] / static_cast<double>(M)) : acc_t(0);
+          a[l] = static_cast<double>(ga[l]) * rs[l];
+          c1[l] = batch_stats ? sdy[lc] / static_cast<double>(M) : 0.0;
+          c2[l] = batch_stats ? sdyg[lc] / static_cast<double>(M) : 0.0;
+          mud[l] = static_cast<double>(mu[l]) + delta[l];
+          rsd[l] = rs[l];
         }
         if (dmp) {
           const auto m1 = group_lanes<acc_t, CL>(g, dmp, group), m2 = group_lanes<acc_t, CL>(g, dmp + g.C, group);
@@ -735,8 +762,9 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           for (int64_t e = 0; e < len; e += VL)
             for (int l = 0; l < VL; ++l) {
               const acc_t t = tn[e + l];
-              const acc_t gh = (act_forward<A>(t) - mu[l]) * rs[l];
-              const acc_t dt = (e + l < valid) ? a[l] * (dyb[e + l] - c1[l] - gh * c2[l]) * act_backward<A>(t) : acc_t(0);
+              const double gh = (static_cast<double>(act_forward<A>(t)) - mud[l]) * rsd[l];
+              const acc_t dg = static_cast<acc_t>(a[l] * (static_cast<double>(dyb[e + l]) - c1[l] - gh * c2[l]));
+              const acc_t dt = (e + l < valid) ? dg * act_backward<A>(t) : acc_t(0);
               dtb[e + l] = dt;
               pdb[l] += dt;
             }
@@ -796,6 +824,13 @@ std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
                                          bool batch_stats, double eps, int64_t act) {
   check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats);
+  if (use_exact_training(x.scalar_type(), batch_stats, x.size(0) * x.size(2) * x.size(3))) {
+    auto o = dw_block_forward(to_double(x), to_double(in_scale), to_double(in_shift), to_double(weight),
+                              to_double(bias), to_double(gamma), to_double(beta), to_double(mean), to_double(rstd),
+                              batch_stats, eps, act);
+    const auto acc = gamma.scalar_type();
+    return {o[0].to(x.scalar_type()), o[1].to(acc), o[2].to(acc), o[3].to(acc)};
+  }
   const bool cl = is_channels_last(x);
   const auto acc_opts = gamma.options();
   at::Tensor y = poisoned(at::empty_like(x));  // preserves x's strides (the fake impl does the same)
@@ -862,8 +897,16 @@ std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Ten
                                           bool batch_stats, const at::Tensor& dy_means, int64_t act) {
   check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, false);
   check_dy_means(dy_means, batch_stats, x.size(1), gamma.scalar_type());
-  const bool cl = is_channels_last(x);
   const at::Tensor dy = dense_grad_output("dw_block_backward", dy_in, x);
+  if (dy_means.numel() == 0 && use_exact_training(x.scalar_type(), batch_stats, x.size(0) * x.size(2) * x.size(3))) {
+    auto o = dw_block_backward(to_double(dy), to_double(x), to_double(in_scale), to_double(in_shift),
+                               to_double(weight), to_double(bias), to_double(gamma), to_double(mean), to_double(rstd),
+                               batch_stats, to_double(dy_means), act);
+    const auto acc = gamma.scalar_type();
+    return {o[0].to(x.scalar_type()), o[1].to(weight.scalar_type()), o[2].to(bias.scalar_type()), o[3].to(acc),
+            o[4].to(acc), o[5].to(acc), o[6].to(acc)};
+  }
+  const bool cl = is_channels_last(x);
   const bool local_sums = dy_means.numel() == 0;  // else dgamma/dbeta (local sums) come from the reduce op
   at::Tensor dx = poisoned(at::empty_like(x));
   at::Tensor dweight = poisoned(at::empty_like(weight, weight.options(), at::MemoryFormat::Contiguous));
