@@ -734,21 +734,21 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         }
         // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat) over the
         // batch (this call's, or the global batch's from dy_means under synchronized BN).
-        // In double: with few values per channel dy - c1 and ghat*c2 nearly cancel, so acc_t rounding
-        // of the terms, amplified by gamma*rstd, would be most of dg (a few ops next to 2k^2 FMAs).
-        double a[VL], c1[VL], c2[VL], mud[VL], rsd[VL];
+        // In acc_t, so the lane loop below stays vectorized (double there halved the fused backward's
+        // speed); with few values per channel, where these terms cancel, the training passes run in
+        // double anyway (use_exact_training).
+        acc_t af[VL], c1f[VL], c2f[VL], dlf[VL];
         for (int l = 0; l < VL; ++l) {
           const int lc = CL ? l : 0;
-          a[l] = static_cast<double>(ga[l]) * rs[l];
-          c1[l] = batch_stats ? sdy[lc] / static_cast<double>(M) : 0.0;
-          c2[l] = batch_stats ? sdyg[lc] / static_cast<double>(M) : 0.0;
-          mud[l] = static_cast<double>(mu[l]) + delta[l];
-          rsd[l] = rs[l];
+          af[l] = ga[l] * rs[l];
+          c1f[l] = batch_stats ? static_cast<acc_t>(sdy[lc] / static_cast<double>(M)) : acc_t(0);
+          c2f[l] = batch_stats ? static_cast<acc_t>(sdyg[lc] / static_cast<double>(M)) : acc_t(0);
+          dlf[l] = static_cast<acc_t>(delta[l]);
         }
         if (dmp) {
           const auto m1 = group_lanes<acc_t, CL>(g, dmp, group), m2 = group_lanes<acc_t, CL>(g, dmp + g.C, group);
-          std::copy(m1.begin(), m1.end(), c1);
-          std::copy(m2.begin(), m2.end(), c2);
+          std::copy(m1.begin(), m1.end(), c1f);
+          std::copy(m2.begin(), m2.end(), c2f);
         }
 
         // Pass 2: dt, db, dw, dx.
@@ -762,8 +762,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           for (int64_t e = 0; e < len; e += VL)
             for (int l = 0; l < VL; ++l) {
               const acc_t t = tn[e + l];
-              const double gh = (static_cast<double>(act_forward<A>(t)) - mud[l]) * rsd[l];
-              const acc_t dg = static_cast<acc_t>(a[l] * (static_cast<double>(dyb[e + l]) - c1[l] - gh * c2[l]));
+              const acc_t gh = ((act_forward<A>(t) - mu[l]) - dlf[l]) * rs[l];
+              const acc_t dg = af[l] * (dyb[e + l] - c1f[l] - gh * c2f[l]);
               const acc_t dt = (e + l < valid) ? dg * act_backward<A>(t) : acc_t(0);
               dtb[e + l] = dt;
               pdb[l] += dt;
