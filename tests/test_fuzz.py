@@ -145,8 +145,10 @@ def run_case(case, backend="cpu"):
 # dL/dshift = sum(du), returned in fp32 and combined as sum(du*g) - mean*sum(du): a cancellation the
 # unfused BN's centered formula does not have (errors up to ~1e4x PyTorch's seen at |mean|/std ~ 30).
 # The fix needs a centered (or fp64) input-affine gradient from every backend's dw_block_backward: a
-# schema change, left open in issue 11. Recorded the same way, without a ratio bound.
+# schema change, left open in issue 11. Recorded the same way, bounded at 1e5x for gradients and at 8x for
+# the output and running statistics.
 RESIDUAL_MAX_RATIO = 8.0
+CROSS_MAX_RATIO_GRAD = 1e5  # the pair's gradients (up to ~3e4x seen); its output and statistics: 8x
 RESIDUAL = []
 
 
@@ -173,7 +175,9 @@ def in_residual_class(case, failures, backend="cpu"):
                                                                     for c in failures):
         return True
     if case["kind"] == "cross" and case["dtype"] != "float64":
-        return all(c.fused_err == c.fused_err for c in failures)  # any finite error (NaN still fails)
+        # bounded, so that a broken pair (errors of the values' own size) still fails
+        return all(c.fused_err <= (CROSS_MAX_RATIO_GRAD if c.name.split()[2].startswith("d") else RESIDUAL_MAX_RATIO)
+                   * c.torch_err + atol for c in failures)
     return case["dtype"] != "float64" and all(c.fused_err <= RESIDUAL_MAX_RATIO * c.torch_err + atol
                                                for c in failures)
 
