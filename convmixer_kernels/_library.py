@@ -17,33 +17,36 @@ NAMESPACE = "convmixer"
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # csrc/common/block_math.h enum Act
 
 SCHEMAS = {
-    # y = u + gamma*(act(dwconv(u)+b) - mean)*rstd + beta, where u = in_scale[c]*x + in_shift[c] (the
-    # previous pointwise block's BN apply, folded into this block's load; zero padding applies to u)
-    # or u = x when in_scale/in_shift are empty.  Returns (y, batch_mean, batch_rstd, batch_var); the
-    # batch statistics are empty tensors when batch_stats is false (mean/rstd are then inputs).
+    # y = u + gamma*(act(dwconv(u)+b) - mean)*rstd + beta, where u = in_scale[c]*(x - in_center[c]) +
+    # in_shift[c] (the previous pointwise block's BN apply, folded into this block's load; zero padding
+    # applies to u) or u = x when the three are empty. The centre is subtracted before the scale, as
+    # BatchNorm does: folding it into the shift cancels when |mean| >> std (issue 11). Returns (y,
+    # batch_mean, batch_rstd, batch_var); the batch statistics are empty tensors when batch_stats is
+    # false (mean/rstd are then inputs).
     "dw_block_forward":
-        "(Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "
-        "Tensor mean, Tensor rstd, bool batch_stats, float eps, str act, str backend) "
+        "(Tensor x, Tensor in_center, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, "
+        "Tensor beta, Tensor mean, Tensor rstd, bool batch_stats, float eps, str act, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
     # Returns (dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift). With du = dL/du:
-    # dx = in_scale*du, din_scale = sum(du*x), din_shift = sum(du) per channel (empty without in_scale).
+    # dx = in_scale*du, din_scale = sum(du*(x - in_center)) (centred in the kernel, not from two large
+    # sums), din_shift = sum(du) per channel (empty without an input affine); din_center = -in_scale*din_shift.
     # dy_means (2, C) or empty: a synchronized BN's global [mean dy, mean dy*ghat], used in dg instead of
     # this call's own; the reduction pass is then skipped and dgamma, dbeta come back empty.
     # With batch_stats, mean/rstd are the forward's batch statistics; a backend may recentre ghat on the
     # exact mean of g it recomputes (the CPU does: the saved mean is rounded, csrc/cpu/dw_block.cpp).
     "dw_block_backward":
-        "(Tensor dy, Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor gamma, "
-        "Tensor mean, Tensor rstd, bool batch_stats, Tensor dy_means, str act, str backend) "
+        "(Tensor dy, Tensor x, Tensor in_center, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, "
+        "Tensor gamma, Tensor mean, Tensor rstd, bool batch_stats, Tensor dy_means, str act, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     # Synchronized BN, forward pass 1: (mean, var) of g = act(dwconv(u)+b) over this call's batch (biased
     # var, accumulation dtype); nothing else is written.
     "dw_block_batch_stats":
-        "(Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, str act, str backend) "
-        "-> (Tensor, Tensor)",
+        "(Tensor x, Tensor in_center, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, str act, "
+        "str backend) -> (Tensor, Tensor)",
     # Synchronized BN, backward pass 1: the (2, C) local sums [sum dy, sum dy*ghat], ghat = (g-mean)*rstd.
     "dw_block_backward_reduce":
-        "(Tensor dy, Tensor x, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, Tensor mean, "
-        "Tensor rstd, str act, str backend) -> Tensor",
+        "(Tensor dy, Tensor x, Tensor in_center, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, "
+        "Tensor mean, Tensor rstd, str act, str backend) -> Tensor",
     # y = gamma*(act(conv_p(x)+b) - mean)*rstd + beta with kernel = stride = patch (1: pointwise); with
     # apply_bn false y = act(conv_p(x)+b) (the BN apply is left to the next depthwise block's load).
     # Returns (y, t, batch_mean, batch_rstd, batch_var); t = conv_p(x)+b when save_t, else empty.
@@ -104,6 +107,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def is_channels_last(x: torch.Tensor) -> bool:
     """Dense in channels_last but not NCHW (same rule as csrc/cpu/cpu_common.h)."""
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def model_layout(x: torch.Tensor, channels_last_cpu: bool) -> torch.Tensor:
+    """The layout a fused model runs in: channels_last on the CPU when asked (the kernels' fast layout;
+    a model's stem input is small, 3 channels, so the copy is cheap), else x as given."""
+    if channels_last_cpu and x.device.type == "cpu" and x.dim() == 4 and not is_channels_last(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -191,11 +202,14 @@ def update_running_stats_(running_mean, running_var, num_batches_tracked, moment
 
 
 class PendingBN(NamedTuple):
-    """A BatchNorm output not yet written: z = scale[c]*g + shift[c], with scale = gamma*rstd and
-    shift = beta - mean*scale per channel (accumulation dtype). A pointwise block returns one when
-    the next depthwise block applies the affine on its load (cross-layer fusion, DESIGN.md section 3);
-    scale and shift carry the autograd graph back to gamma, beta and the batch statistics."""
+    """A BatchNorm output not yet written: z = scale[c]*(g - center[c]) + shift[c], with center = mean,
+    scale = gamma*rstd and shift = beta per channel (accumulation dtype). A pointwise block returns one
+    when the next depthwise block applies the affine on its load (cross-layer fusion, DESIGN.md section
+    3); center, scale and shift carry the autograd graph back to gamma, beta and the batch statistics.
+    The centre stays separate, as in BatchNorm itself: scale*g + (beta - mean*scale) cancels when
+    |mean| >> std, in the output and in the gradient of scale (issue 11)."""
     g: torch.Tensor
+    center: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
 
@@ -203,10 +217,18 @@ class PendingBN(NamedTuple):
         """z itself, for a consumer that cannot take the pending form (one elementwise pass)."""
         acc = acc_dtype(self.g.dtype)
         shape = (1, -1, 1, 1)
-        return (self.g.to(acc) * self.scale.view(shape) + self.shift.view(shape)).to(self.g.dtype)
+        return ((self.g.to(acc) - self.center.view(shape)) * self.scale.view(shape)
+                + self.shift.view(shape)).to(self.g.dtype)
+
+
+def input_affine_grads(in_scale, din_scale, din_shift):
+    """Gradients of (in_center, in_scale, in_shift) from a depthwise backward's (din_scale, din_shift):
+    u = in_scale*(x - in_center) + in_shift gives din_center = -in_scale*din_shift. None without an affine."""
+    if in_scale.numel() == 0:
+        return None, None, None
+    return -in_scale * din_shift, din_scale, din_shift
 
 
 def bn_affine(gamma, beta, mean, rstd):
-    """(scale, shift) of a BatchNorm apply: scale = gamma*rstd, shift = beta - mean*scale."""
-    scale = gamma * rstd
-    return scale, beta - mean * scale
+    """(center, scale, shift) of a BatchNorm apply z = scale*(g - center) + shift: (mean, gamma*rstd, beta)."""
+    return mean, gamma * rstd, beta

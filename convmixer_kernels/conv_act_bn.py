@@ -15,8 +15,9 @@ import torch.nn as nn
 from . import backends, reference
 from .sync_bn import (SyncedStats, check_global_count, empty_batch_result, empty_in_graph, resolve_group,
                       sync_options)
-from ._library import (PendingBN, autocast_inputs, bn_affine, bn_operands, check_act, check_block_input, check_training_count,
-                       dense, is_channels_last, op, qualname, register_backend_dispatch, update_running_stats_)
+from ._library import (PendingBN, autocast_inputs, bn_affine, bn_operands, check_act, check_block_input,
+                       check_training_count, dense, is_channels_last, model_layout, op, qualname,
+                       register_backend_dispatch, update_running_stats_)
 
 # Below this GEMM reduction size (Cin * p * p) the backward recomputes t instead of saving it.
 RECOMPUTE_T_MAX_K = 64
@@ -95,7 +96,7 @@ def conv_act_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """BatchNorm(act(conv2d(x, weight, bias, stride=patch))) with weight (Cout, Cin, patch, patch):
     the pointwise block (patch=1) or the patch-embedding stem.
 
-    defer_bn=True returns a `PendingBN` (g = act(conv) and the BN's per-channel scale/shift) for a
+    defer_bn=True returns a `PendingBN` (g = act(conv) and the BN's per-channel center/scale/shift) for a
     following `dw_block` to apply on its load, saving the apply pass; the running statistics are
     updated here either way. (The reference backend returns the tensor itself.)
 
@@ -178,7 +179,13 @@ def conv_act_bn_modules(conv: nn.Conv2d, act: str, bn: nn.BatchNorm2d, x: torch.
 
 class FusedConvActBN(nn.Sequential):
     """Drop-in for ``nn.Sequential(Conv2d(cin, cout, p, stride=p), act, BatchNorm2d(cout))``: the same
-    children (``0``, ``1``, ``2``), so checkpoints load as is; forward runs the fused op."""
+    children (``0``, ``1``, ``2``), so checkpoints load as is; forward runs the fused op.
+
+    channels_last_cpu (False on its own, so the output keeps the input's layout; True as the stem of a
+    fused model): on the CPU the input is first made channels_last, so every block after it runs in the
+    kernels' fast layout."""
+
+    channels_last_cpu = False
 
     def __init__(self, in_channels: int, out_channels: int, patch_size: int = 1, act: str = "gelu",
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -203,6 +210,7 @@ class FusedConvActBN(nn.Sequential):
 
     def forward(self, x: torch.Tensor, defer_bn: bool = False) -> Union[torch.Tensor, PendingBN]:
         """defer_bn=True: returns a PendingBN for a following fused depthwise block (cross-layer fusion)."""
+        x = model_layout(x, self.channels_last_cpu)
         return conv_act_bn_modules(self[0], self.act, self[2], x, self.backend, defer_bn=defer_bn)
 
     def extra_repr(self) -> str:

@@ -123,9 +123,10 @@ def _recast(module: nn.Module, cls: type, **attrs) -> nn.Module:
 
 
 class _Converter:
-    def __init__(self, backend: str, cross_layer: bool):
+    def __init__(self, backend: str, cross_layer: bool, cpu_channels_last: bool):
         self.backend = backend
         self.cross_layer = cross_layer
+        self.cpu_channels_last = cpu_channels_last
         self.report = ConversionReport()
 
     def convert(self, module: nn.Module, path: str) -> nn.Module:
@@ -167,22 +168,28 @@ class _Converter:
         chains = self.cross_layer and any(emits_pending(a) and accepts_pending(b) for a, b in zip(mods, mods[1:]))
         if not chains and not any(step[0] == "fused" for step in plan):
             return seq
+        # A patch-embedding stem first (stride > 1): the layers after it run channels_last on the CPU.
+        stem_first = plan[0][0] == "fused" and mods[plan[0][1]].stride[0] > 1
+        layout = dict(channels_last_cpu=True) if stem_first and self.cpu_channels_last else {}
         if len(mods) == 3 and len(plan) == 1 and plan[0][0] == "fused":
-            return _recast(seq, FusedConvActBN, act=plan[0][2], backend=self.backend)
-        return _recast(seq, FusedSequential, plan=tuple(plan), backend=self.backend, cross_layer=self.cross_layer)
+            return _recast(seq, FusedConvActBN, act=plan[0][2], backend=self.backend, **layout)
+        return _recast(seq, FusedSequential, plan=tuple(plan), backend=self.backend, cross_layer=self.cross_layer,
+                       **layout)
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False,
-            cross_layer: bool = True, sync_bn: bool = False, process_group=None):
+            cross_layer: bool = True, sync_bn: bool = False, process_group=None, cpu_channels_last: bool = True):
     """Swaps fused modules into `model` (a copy unless inplace=True). Keeps every parameter and buffer
     name and value, and the train/eval mode. Returns the model, or (model, ConversionReport) when
     return_report is true; unfusable look-alikes are also reported with a warning. cross_layer=False
     keeps every BN apply in its own block (no PendingBN handed between blocks). sync_bn=True makes the
     fused modules' BatchNorms synchronized over `process_group` (see `set_sync_bn`); a model whose BNs are
-    already nn.SyncBatchNorm (timm's --sync-bn) converts as is and syncs over their groups."""
+    already nn.SyncBatchNorm (timm's --sync-bn) converts as is and syncs over their groups.
+    cpu_channels_last=True: a fused patch-embedding stem makes a CPU input channels_last, so the blocks
+    after it run in the kernels' fast layout (the logits are the same; feature maps come out channels_last)."""
     if not inplace:
         model = copy.deepcopy(model)
-    conv = _Converter(backend, cross_layer)
+    conv = _Converter(backend, cross_layer, cpu_channels_last)
     new = conv.convert(model, "")
     if sync_bn:
         set_sync_bn(new, process_group)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._library import PendingBN
+from ._library import PendingBN, model_layout
 from .sync_bn import SyncBatchNorm2d
 from .conv_act_bn import FusedConvActBN, conv_act_bn_modules
 from .dw_block import FusedDepthwiseBlock
@@ -45,7 +45,11 @@ class FusedSequential(nn.Sequential):
     Cross-layer fusion (DESIGN.md section 3): when a conv-act-BN step is followed by a step that
     accepts it (a fused depthwise block, directly or as the first step of a nested FusedSequential),
     the BN apply is not run; the step hands on a PendingBN and the depthwise block applies it on its
-    load. `cross_layer=False` turns this off (each block then writes its own normalized output)."""
+    load. `cross_layer=False` turns this off (each block then writes its own normalized output).
+    channels_last_cpu (set by the converter when the first step is a patch-embedding stem): a CPU input
+    is first made channels_last, the kernels' fast layout, as FusedConvActBN's."""
+
+    channels_last_cpu = False
 
     def __init__(self, modules: "OrderedDict[str, nn.Module]", plan: Sequence[tuple], backend: str = "auto",
                  cross_layer: bool = True):
@@ -65,6 +69,8 @@ class FusedSequential(nn.Sequential):
         the result may be a PendingBN (when the last step can emit one)."""
         mods = list(self._modules.values())
         cross = getattr(self, "cross_layer", True)
+        if isinstance(x, torch.Tensor):
+            x = model_layout(x, self.channels_last_cpu)
         for j, step in enumerate(self.plan):
             if j + 1 < len(self.plan):
                 nxt = self.plan[j + 1]
@@ -117,6 +123,7 @@ class ConvMixer(nn.Module):
         self.num_classes = num_classes
         self.num_features = dim
         self.stem = FusedConvActBN(in_chans, dim, patch_size, act, backend=backend)
+        self.stem.channels_last_cpu = True  # the blocks run channels_last on the CPU, whatever the input's layout
         layers = OrderedDict((str(i), mixer_layer(dim, kernel_size, act, backend)) for i in range(depth))
         self.blocks = FusedSequential(layers, [("module", i) for i in range(depth)], backend)
         self.global_pool = nn.AdaptiveAvgPool2d(1)

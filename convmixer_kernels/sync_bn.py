@@ -12,7 +12,7 @@ forward   each rank's statistics pass gives (M_r, mean_r, M2_r = M_r*var_r) per 
 backward  ONE all_reduce of 2C floats before dt is formed:
           depthwise block : [sum dy, sum dy*ghat] (its reduction pass), then the dt pass with their global
                             means (the local sums stay the gradients of gamma and beta, which DDP averages);
-          conv-act-BN     : its BN apply is a per-channel affine z = scale*g + shift (applied by the next
+          conv-act-BN     : its BN apply is a per-channel affine z = scale*(g - center) + shift (applied by the next
                             depthwise block's load, or in one elementwise pass), so autograd brings back
                             dL/d(global mean) and dL/d(global rstd); these are -gamma*rstd*sum dy and
                             gamma*sum dy*ghat/rstd, i.e. [sum dy, sum dy*ghat] per channel up to a factor
@@ -131,52 +131,52 @@ class SyncedStats(torch.autograd.Function):
 
 
 class SyncedDepthwiseBlock(torch.autograd.Function):
-    """y = u + BN(act(dwconv(u) + b)) with global batch statistics (u = in_scale*x + in_shift or x).
+    """y = u + BN(act(dwconv(u) + b)) with global batch statistics (u = in_scale*(x - in_center) + in_shift, or x).
     Forward: statistics pass, all_gather + merge, apply pass. Backward: reduction pass, all_reduce of
     [sum dy, sum dy*ghat], dt/dx pass with their global means. Returns (y, global mean, global var, n)."""
 
     @staticmethod
-    def forward(ctx, x, in_scale, in_shift, weight, bias, gamma, beta, eps: float, act: str, backend: str, group):
+    def forward(ctx, x, in_center, in_scale, in_shift, weight, bias, gamma, beta, eps: float, act: str, backend: str,
+                group):
         from ._library import op
         count = x.shape[0] * x.shape[2] * x.shape[3]
         C = x.shape[1]
         if count:
-            mean_l, var_l = op("dw_block_batch_stats")(x, in_scale, in_shift, weight, bias, act, backend)
+            mean_l, var_l = op("dw_block_batch_stats")(x, in_center, in_scale, in_shift, weight, bias, act, backend)
         else:
             mean_l = var_l = gamma.new_zeros(C)
         n, mean, var = gather_merge_stats(count, mean_l, var_l, group)
         rstd = torch.rsqrt(var + eps)
         if count:
-            y = op("dw_block_forward")(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, False, eps, act,
-                                       backend)[0]
+            y = op("dw_block_forward")(x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, False,
+                                       eps, act, backend)[0]
         else:
             y = torch.empty_like(x)
-        ctx.save_for_backward(x, in_scale, in_shift, weight, bias, gamma, mean, rstd, n)
+        ctx.save_for_backward(x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, n)
         ctx.act, ctx.backend, ctx.group, ctx.count = act, backend, group, count
         ctx.mark_non_differentiable(mean, var, n)
         return y, mean, var, n
 
     @staticmethod
     def backward(ctx, dy, *_stat_grads):
-        from ._library import op
-        x, in_scale, in_shift, weight, bias, gamma, mean, rstd, n = ctx.saved_tensors
+        from ._library import input_affine_grads, op
+        x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, n = ctx.saved_tensors
         C = x.shape[1]
         if ctx.count:
-            local = op("dw_block_backward_reduce")(dy, x, in_scale, in_shift, weight, bias, mean, rstd, ctx.act,
-                                                   ctx.backend)
+            local = op("dw_block_backward_reduce")(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd,
+                                                   ctx.act, ctx.backend)
         else:
             local = gamma.new_zeros((2, C))
         sums = local.clone()
         dist.all_reduce(sums, group=ctx.group)
-        has_affine = in_scale.numel() > 0
         if not ctx.count:
             z = torch.zeros_like
-            return (z(x), z(in_scale) if has_affine else None, z(in_shift) if has_affine else None, z(weight),
-                    z(bias), local[1], local[0], None, None, None, None)
+            affine = (None, None, None) if in_scale.numel() == 0 else (z(in_center), z(in_scale), z(in_shift))
+            return (z(x), *affine, z(weight), z(bias), local[1], local[0], None, None, None, None)
         dx, dw, db, _, _, dscale, dshift = op("dw_block_backward")(
-            dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, True, (sums / n).contiguous(), ctx.act,
-            ctx.backend)
-        return (dx, dscale if has_affine else None, dshift if has_affine else None, dw, db, local[1], local[0],
+            dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, True, (sums / n).contiguous(),
+            ctx.act, ctx.backend)
+        return (dx, *input_affine_grads(in_scale, dscale, dshift), dw, db, local[1], local[0],
                 None, None, None, None)
 
 

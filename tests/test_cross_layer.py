@@ -167,6 +167,6 @@ def test_models_cross_layer_on_equals_off(training):
 def test_pending_shape_mismatch_is_a_clear_error():
     p = make_block_params("dw", 5, k=3)
     g = torch.randn(2, 5, 4, 4)
-    bad = ck.PendingBN(g, torch.ones(4), torch.zeros(4))
-    with pytest.raises(ValueError, match="pending BatchNorm's scale/shift"):
+    bad = ck.PendingBN(g, torch.zeros(4), torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="pending BatchNorm's center/scale/shift"):
         dw_block(bad, p["weight"], p["bias"], p["gamma"], p["beta"], backend="cpu")

@@ -75,11 +75,11 @@ def test_input_affine_of_the_wrong_size_is_a_clear_error():
     C, empty = 5, torch.empty(0, device="cuda")
     x, w, b = torch.randn(2, C, 6, 7).cuda(), torch.randn(C, 1, 3, 3).cuda(), torch.randn(C).cuda()
     g, be = torch.ones(C).cuda(), torch.zeros(C).cuda()
-    sc, sh = torch.ones(C - 1).cuda(), torch.zeros(C - 1).cuda()
-    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
-        op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda")
-    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
-        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, g.new_empty(0), "gelu", "cuda")
+    ce, sc, sh = torch.zeros(C - 1).cuda(), torch.ones(C - 1).cuda(), torch.zeros(C - 1).cuda()
+    with pytest.raises(RuntimeError, match="in_center must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_forward")(x, ce, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda")
+    with pytest.raises(RuntimeError, match="in_center must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_backward")(torch.randn_like(x), x, ce, sc, sh, w, b, g, g, g, True, g.new_empty(0), "gelu", "cuda")
 
 
 def test_convmixer_end_to_end_matches_cpu_backend():

@@ -153,23 +153,27 @@ def test_cross_layer_pw_into_dw(C, k, act, dtype, layout, training):
                     make_block_params("dw", C, k=k, dtype=dtype), training, act, backend="cuda_emu")
 
 
-def _dw_op_args(C, in_scale, in_shift):
+def _dw_op_args(C, in_center, in_scale, in_shift):
     x, w, b = torch.randn(2, C, 6, 7), torch.randn(C, 1, 3, 3), torch.randn(C)
-    return x, in_scale, in_shift, w, b, torch.ones(C), torch.zeros(C)
+    return x, in_center, in_scale, in_shift, w, b, torch.ones(C), torch.zeros(C)
 
 
 def test_input_affine_of_the_wrong_size_is_a_clear_error():
     empty = torch.empty(0)
-    # 4 scale/shift values for 5 channels
-    x, sc, sh, w, b, g, be = _dw_op_args(5, torch.ones(4), torch.zeros(4))
-    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
-        op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
-    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 5 elements"):
-        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, g, g, g, True, empty, "gelu", "cuda_emu")
+    # 4 scale values for 5 channels
+    x, ce, sc, sh, w, b, g, be = _dw_op_args(5, torch.zeros(5), torch.ones(4), torch.zeros(5))
+    with pytest.raises(RuntimeError, match="must all be empty or all have 5 elements"):
+        op("dw_block_forward")(x, ce, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
+    # all three of the wrong size
+    x, ce, sc, sh, w, b, g, be = _dw_op_args(5, torch.zeros(4), torch.ones(4), torch.zeros(4))
+    with pytest.raises(RuntimeError, match="in_center must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_forward")(x, ce, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
+    with pytest.raises(RuntimeError, match="in_center must be a contiguous 1-D tensor of 5 elements"):
+        op("dw_block_backward")(torch.randn_like(x), x, ce, sc, sh, w, b, g, g, g, True, empty, "gelu", "cuda_emu")
     # a scale without a shift
-    x, sc, sh, w, b, g, be = _dw_op_args(5, torch.ones(5), empty)
-    with pytest.raises(RuntimeError, match="in_scale and in_shift must both be empty or both have 5 elements"):
-        op("dw_block_forward")(x, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
+    x, ce, sc, sh, w, b, g, be = _dw_op_args(5, torch.zeros(5), torch.ones(5), empty)
+    with pytest.raises(RuntimeError, match="in_center, in_scale and in_shift must all be empty or all have 5"):
+        op("dw_block_forward")(x, ce, sc, sh, w, b, g, be, empty, empty, True, 1e-5, "gelu", "cuda_emu")
 
 
 # --- end to end -------------------------------------------------------------------------------------

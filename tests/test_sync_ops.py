@@ -36,14 +36,16 @@ def _interpreting():
 def _args(C, k, layout, affine, device, dtype=torch.float32):
     x = make_x((2, C, 5, 6), dtype, layout).to(device)
     w, b = (torch.randn(C, 1, k, k) / k).to(dtype).to(device), (0.5 * torch.randn(C)).to(dtype).to(device)
-    sc, sh = ((torch.rand(C) + 0.5).to(device), torch.randn(C).to(device)) if affine else \
-        (torch.empty(0, device=device), torch.empty(0, device=device))
-    return x, sc, sh, w, b
+    # the centre near the channel means (a BN's batch mean), the scale and shift of order 1
+    ce, sc, sh = (x.mean((0, 2, 3)).float() + 0.1 * torch.randn(C, device=device), (torch.rand(C) + 0.5).to(device),
+                  torch.randn(C).to(device)) if affine else (torch.empty(0, device=device),) * 3
+    return x, ce, sc, sh, w, b
 
 
-def _g(x, sc, sh, w, b, act):
+def _g(x, ce, sc, sh, w, b, act):
     """g = act(dwconv(u) + b) by PyTorch, in x's dtype (float64 for the reference)."""
-    u = x * sc.to(x.dtype).view(1, -1, 1, 1) + sh.to(x.dtype).view(1, -1, 1, 1) if sc.numel() else x
+    per_channel = [v.to(x.dtype).view(1, -1, 1, 1) for v in (ce, sc, sh)]
+    u = (x - per_channel[0]) * per_channel[1] + per_channel[2] if sc.numel() else x
     pl, pr = same_padding(w.shape[-1])
     return act_fn(F.conv2d(F.pad(u, (pl, pr, pl, pr)), w, b, groups=x.shape[1]), act)
 
@@ -59,16 +61,16 @@ def _cpu64(*ts):
 def test_batch_stats_and_backward_reduce_match_float64(backend, layout, affine, act, k):
     dev = _device(backend)
     C = 5
-    x, sc, sh, w, b = _args(C, k, layout, affine, dev)
-    mean, var = op("dw_block_batch_stats")(x, sc, sh, w, b, act, backend)
-    g64 = _g(*_cpu64(x, sc, sh, w, b), act)
-    g32 = _g(*[t.cpu() for t in (x, sc, sh, w, b)], act)
+    x, ce, sc, sh, w, b = _args(C, k, layout, affine, dev)
+    mean, var = op("dw_block_batch_stats")(x, ce, sc, sh, w, b, act, backend)
+    g64 = _g(*_cpu64(x, ce, sc, sh, w, b), act)
+    g32 = _g(*[t.cpu() for t in (x, ce, sc, sh, w, b)], act)
     for name, f in (("mean", lambda g: g.mean((0, 2, 3))), ("var", lambda g: g.var((0, 2, 3), unbiased=False))):
         check_rule(name, (mean if name == "mean" else var).cpu(), f(g32), f(g64), torch.float32)
     # backward sums at given statistics (a synchronized BN's global ones)
     m, r = torch.randn(C).to(dev) * 0.1, torch.rand(C).to(dev) + 0.5
     dy = torch.randn_like(x)
-    sums = op("dw_block_backward_reduce")(dy, x, sc, sh, w, b, m, r, act, backend)
+    sums = op("dw_block_backward_reduce")(dy, x, ce, sc, sh, w, b, m, r, act, backend)
     assert sums.shape == (2, C) and sums.dtype == torch.float32
 
     def ref(g, dyv, mv, rv):
@@ -85,16 +87,16 @@ def test_backward_with_dy_means_is_the_training_backward(backend, layout, affine
     local sums are then not formed (dgamma/dbeta empty)."""
     dev = _device(backend)
     C = 6
-    x, sc, sh, w, b = _args(C, 3, layout, affine, dev)
+    x, ce, sc, sh, w, b = _args(C, 3, layout, affine, dev)
     gamma, beta = torch.randn(C, device=dev), torch.randn(C, device=dev)
     e = torch.empty(0, device=dev)
-    _, mean, rstd, _ = op("dw_block_forward")(x, sc, sh, w, b, gamma, beta, e, e, True, 1e-5, "gelu", backend)
+    _, mean, rstd, _ = op("dw_block_forward")(x, ce, sc, sh, w, b, gamma, beta, e, e, True, 1e-5, "gelu", backend)
     dy = torch.randn_like(x)
-    local = op("dw_block_backward")(dy, x, sc, sh, w, b, gamma, mean, rstd, True, e, "gelu", backend)
-    sums = op("dw_block_backward_reduce")(dy, x, sc, sh, w, b, mean, rstd, "gelu", backend)
+    local = op("dw_block_backward")(dy, x, ce, sc, sh, w, b, gamma, mean, rstd, True, e, "gelu", backend)
+    sums = op("dw_block_backward_reduce")(dy, x, ce, sc, sh, w, b, mean, rstd, "gelu", backend)
     torch.testing.assert_close(sums[0], local[4], rtol=1e-6, atol=1e-6)  # dbeta
     torch.testing.assert_close(sums[1], local[3], rtol=1e-6, atol=1e-6)  # dgamma
-    given = op("dw_block_backward")(dy, x, sc, sh, w, b, gamma, mean, rstd, True, sums / (x.numel() / C), "gelu",
+    given = op("dw_block_backward")(dy, x, ce, sc, sh, w, b, gamma, mean, rstd, True, sums / (x.numel() / C), "gelu",
                                     backend)
     assert given[3].numel() == 0 and given[4].numel() == 0
     for i, name in ((0, "dx"), (1, "dweight"), (2, "dbias"), (5, "din_scale"), (6, "din_shift")):
@@ -103,20 +105,21 @@ def test_backward_with_dy_means_is_the_training_backward(backend, layout, affine
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_sync_ops(layout):
-    x, sc, sh, w, b = _args(4, 3, layout, True, "cpu")
+    x, ce, sc, sh, w, b = _args(4, 3, layout, True, "cpu")
     m, r = torch.randn(4), torch.rand(4) + 0.5
-    torch.library.opcheck(op("dw_block_batch_stats"), (x, sc, sh, w, b, "gelu", "cpu"))
+    torch.library.opcheck(op("dw_block_batch_stats"), (x, ce, sc, sh, w, b, "gelu", "cpu"))
     dy = torch.randn_like(x)
-    torch.library.opcheck(op("dw_block_backward_reduce"), (dy, x, sc, sh, w, b, m, r, "gelu", "cpu"))
+    torch.library.opcheck(op("dw_block_backward_reduce"), (dy, x, ce, sc, sh, w, b, m, r, "gelu", "cpu"))
     torch.library.opcheck(op("dw_block_backward"),
-                          (dy, x, sc, sh, w, b, torch.randn(4), m, r, True, torch.randn(2, 4), "gelu", "cpu"))
+                          (dy, x, ce, sc, sh, w, b, torch.randn(4), m, r, True, torch.randn(2, 4), "gelu", "cpu"))
 
 
 def test_dy_means_without_batch_statistics_is_an_error():
-    x, sc, sh, w, b = _args(4, 3, "nchw", False, "cpu")
+    x, ce, sc, sh, w, b = _args(4, 3, "nchw", False, "cpu")
     m, r = torch.randn(4), torch.rand(4) + 0.5
     with pytest.raises(RuntimeError, match="dy_means is only meaningful with batch statistics"):
-        op("dw_block_backward")(torch.randn_like(x), x, sc, sh, w, b, m, m, r, False, torch.randn(2, 4), "gelu", "cpu")
+        op("dw_block_backward")(torch.randn_like(x), x, ce, sc, sh, w, b, m, m, r, False, torch.randn(2, 4), "gelu",
+                                "cpu")
 
 
 @pytest.fixture

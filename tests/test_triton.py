@@ -217,15 +217,15 @@ def test_launcher_outputs_match_cpu_contract(layout):
     w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
     g, be, mean, rstd = torch.randn(4), torch.randn(4), torch.randn(4), torch.rand(4) + 0.5
     e = torch.empty(0)
-    sc, sh = torch.rand(4) + 0.5, torch.randn(4)
-    for batch_stats, (isc, ish), apply_bn in ((True, (e, e), True), (False, (e, e), True),
-                                              (True, (sc, sh), False), (False, (sc, sh), False)):
-        outs = [tb.dw_block_forward(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0),
-                _C.dw_block_forward_cpu(x, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0)]
+    aff = torch.randn(4), torch.rand(4) + 0.5, torch.randn(4)
+    for batch_stats, (ice, isc, ish), apply_bn in ((True, (e, e, e), True), (False, (e, e, e), True),
+                                                   (True, aff, False), (False, aff, False)):
+        outs = [tb.dw_block_forward(x, ice, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0),
+                _C.dw_block_forward_cpu(x, ice, isc, ish, w, b, g, be, mean, rstd, batch_stats, 1e-5, 0)]
         # With batch statistics the backward takes the forward's (the CPU recentres on the exact batch mean)
         bm, br = (outs[1][1], outs[1][2]) if batch_stats else (mean, rstd)
-        bw = [tb.dw_block_backward(x, x, isc, ish, w, b, g, bm, br, batch_stats, e, 0),
-              _C.dw_block_backward_cpu(x, x, isc, ish, w, b, g, bm, br, batch_stats, e, 0)]
+        bw = [tb.dw_block_backward(x, x, ice, isc, ish, w, b, g, bm, br, batch_stats, e, 0),
+              _C.dw_block_backward_cpu(x, x, ice, isc, ish, w, b, g, bm, br, batch_stats, e, 0)]
         wp = torch.randn(6, 4, 1, 1)
         bp = torch.randn(6)
         g6, be6, m6, r6 = torch.randn(6), torch.randn(6), torch.randn(6), torch.rand(6) + 0.5

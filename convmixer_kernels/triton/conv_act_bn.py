@@ -170,14 +170,17 @@ def _cab_gemm_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_pt
         tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=ok)
     if MODE == 1:
         count = tl.sum(m_ok.to(ACC), axis=0)
-        mean_b, m2_b = tile_moments(act_forward(t, ACT), m_ok[:, None], count)
+        g = act_forward(t, ACT)
+        if not APPLY_BN:  # the moments of the stored g, which the next block normalizes (csrc/cpu/conv_act_bn.cpp)
+            g = g.to(y_ptr.dtype.element_ty).to(ACC)
+        mean_b, m2_b = tile_moments(g, m_ok[:, None], count)
         plane = tl.num_programs(0).to(tl.int64) * Cout
         offs = pid_m.to(tl.int64) * Cout + co
         tl.store(part_ptr + offs, tl.zeros([BLOCK_N], dtype=ACC) + count, mask=co_ok)
         tl.store(part_ptr + plane + offs, mean_b, mask=co_ok)
         tl.store(part_ptr + 2 * plane + offs, m2_b, mask=co_ok)
         if not APPLY_BN:
-            tl.store(y_ptr + out_offs, act_forward(t, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_ptr + out_offs, g.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=_EW_CONFIGS, key=_KEY)
@@ -248,7 +251,10 @@ def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_
         t = tl.load(t_ptr + n * stn + co[None, :] * stc + (ho * sth + wo * stw)[:, None], mask=ok, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + n * sdn + co[None, :] * sdc + (ho * sdh + wo * sdw)[:, None], mask=ok,
                      other=0.0).to(ACC)
-        ghat = (act_forward(t, ACT) - mu[None, :]) * rs[None, :]
+        g = act_forward(t, ACT)
+        if not APPLY_BN:  # the deferred BN normalized the stored g (csrc/cpu/conv_act_bn.cpp g_as_stored)
+            g = g.to(dy_ptr.dtype.element_ty).to(ACC)
+        ghat = (g - mu[None, :]) * rs[None, :]
         sum_dy += tl.sum(dy, axis=0)
         sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
         if FORM_DT:

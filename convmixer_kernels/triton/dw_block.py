@@ -1,5 +1,5 @@
 """Fused depthwise block in Triton:  y = u + gamma * (act(dwconv_k(u) + b) - mean) * rstd + beta,
-with u = x, or u = in_scale[c]*x + in_shift[c] when the previous pointwise block's BN apply is folded
+with u = x, or u = in_scale[c]*(x - in_center[c]) + in_shift[c] when the previous pointwise block's BN apply is folded
 into this block's loads (AFFINE; zero padding is of u, so out-of-image taps stay 0).
 
 Tiling: a program (or one loop iteration of a reduction program) owns a "tile" = a BLOCK_H x BLOCK_W
@@ -38,7 +38,7 @@ Passes:
   backward         : [training] _dw_backward_reduce_kernel (partial sum(dy), sum(dy*ghat), t recomputed)
                      -> sums; _dw_backward_dt_kernel (dt into an fp32 scratch, partial dw/db, and in eval
                      also the dy sums); _dw_backward_dx_kernel (du = dy + conv_transpose(dt); dx = du,
-                     or in_scale*du with partial sums of du*x and du for the input affine's gradients);
+                     or in_scale*du with partial sums of du*(x - in_center) and du for the input affine's gradients);
                      common._sum_rows_kernel reduces every partial buffer in a fixed order.
 Reductions run on a (splits x channel blocks) grid; each program loops over a contiguous range of
 tiles, so partial buffers are [splits, C] regardless of the tile size (which autotuning may change).
@@ -136,21 +136,23 @@ def _split_tiles(N, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _input_affine(scale_ptr, shift_ptr, c, c_ok, AFFINE: tl.constexpr, ACC: tl.constexpr):
-    # per-channel (scale, shift) of u = scale*x + shift; (1, 0) without an input affine
+def _input_affine(center_ptr, scale_ptr, shift_ptr, c, c_ok, AFFINE: tl.constexpr, ACC: tl.constexpr):
+    # per-channel (center, scale, shift) of u = scale*(x - center) + shift; (0, 1, 0) without an input affine
     if AFFINE:
-        return (tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC),
+        return (tl.load(center_ptr + c, mask=c_ok, other=0.0).to(ACC),
+                tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC),
                 tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC))
     else:
-        return tl.full(c.shape, 1.0, ACC), tl.zeros(c.shape, ACC)
+        return tl.zeros(c.shape, ACC), tl.full(c.shape, 1.0, ACC), tl.zeros(c.shape, ACC)
 
 
 @triton.jit
-def _load_u(ptrs, mask, scale, shift, AFFINE: tl.constexpr, ACC: tl.constexpr):
-    # u = scale*x + shift on in-bounds elements, 0 elsewhere (the zero padding is of u)
+def _load_u(ptrs, mask, center, scale, shift, AFFINE: tl.constexpr, ACC: tl.constexpr):
+    # u = scale*(x - center) + shift on in-bounds elements, 0 elsewhere (the zero padding is of u). The
+    # centre comes off first, as in BatchNorm: folded into the shift it cancels when |mean| >> std.
     xv = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
     if AFFINE:
-        xv = tl.where(mask, xv * scale[None, :] + shift[None, :], 0.0)
+        xv = tl.where(mask, (xv - center[None, :]) * scale[None, :] + shift[None, :], 0.0)
     return xv
 
 
@@ -161,7 +163,7 @@ def _offsets(h, w, c, sc, sh, sw):
 
 
 @triton.jit
-def _dw_conv_tile(x_img, scale, shift, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw,
+def _dw_conv_tile(x_img, center, scale, shift, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw,
                   K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr, ROW_UNROLL: tl.constexpr):
     # t[p, c] = b[c] + sum_{i,j} w[c,0,i,j] * u[n, c, h+i-pl, w+j-pl]   (zero padding of u, pl = (k-1)//2)
     # ROW_UNROLL: i is a runtime loop and the k taps of one stencil row are unrolled (k loads in flight);
@@ -179,7 +181,7 @@ def _dw_conv_tile(x_img, scale, shift, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, 
             for j in tl.static_range(K):
                 wj = w + (j - PL)
                 ok = (row_ok & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
-                xv = _load_u(row + (j - PL) * sxw, ok, scale, shift, AFFINE, ACC)
+                xv = _load_u(row + (j - PL) * sxw, ok, center, scale, shift, AFFINE, ACC)
                 wv = tl.load(w_c + (i * K + j) * C, mask=c_ok, other=0.0).to(ACC)
                 acc += xv * wv[None, :]
     else:
@@ -189,7 +191,7 @@ def _dw_conv_tile(x_img, scale, shift, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, 
             hi = h + di
             wj = w + dj
             ok = (p_ok & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
-            xv = _load_u(x_img + (off + (di * sxh + dj * sxw)), ok, scale, shift, AFFINE, ACC)
+            xv = _load_u(x_img + (off + (di * sxh + dj * sxw)), ok, center, scale, shift, AFFINE, ACC)
             wv = tl.load(w_c + tap * C, mask=c_ok, other=0.0).to(ACC)
             acc += xv * wv[None, :]
     return acc
@@ -199,29 +201,29 @@ def _dw_conv_tile(x_img, scale, shift, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _dw_forward_apply_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr,
-                             rstd_ptr, y_ptr, N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+def _dw_forward_apply_kernel(x_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr,
+                             mean_ptr, rstd_ptr, y_ptr, N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                              K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # y = u + A[c]*act(t) + B[c],  A = gamma*rstd, B = beta - mean*A,  t = b + dwconv_k(u)
     # (eval, and training's apply pass); grid: (N * tiles per image, channel blocks)
     n, h, w, c, p_ok, c_ok = _tile_coords(tl.program_id(0), H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
-    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
+    ice, isc, ish = _input_affine(in_center_ptr, in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
     x_img = x_ptr + n * sxn
-    t = _dw_conv_tile(x_img, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K, AFFINE, ACC,
+    t = _dw_conv_tile(x_img, ice, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K, AFFINE, ACC,
                       True)
     g = act_forward(t, ACT)
     scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     shift = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
     ok = p_ok[:, None] & c_ok[None, :]
-    xv = _load_u(x_img + _offsets(h, w, c, sxc, sxh, sxw), ok, isc, ish, AFFINE, ACC)
+    xv = _load_u(x_img + _offsets(h, w, c, sxc, sxh, sxw), ok, ice, isc, ish, AFFINE, ACC)
     y = xv + g * scale[None, :] + shift[None, :]
     tl.store(y_ptr + n * syn + _offsets(h, w, c, syc, syh, syw), y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W,
+def _dw_forward_stats_kernel(x_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, part_ptr, N, C, H, W,
                              sxn, sxc, sxh, sxw, K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
                              ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                              BLOCK_C: tl.constexpr):
@@ -229,13 +231,13 @@ def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, pa
     # per tile exact moments, merged tile by tile with Chan's rule (never E[g^2] - E[g]^2).
     pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
+    ice, isc, ish = _input_affine(in_center_ptr, in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     n_acc = tl.zeros([BLOCK_C], dtype=ACC)
     mean_acc = tl.zeros([BLOCK_C], dtype=ACC)
     m2_acc = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
         n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
-        t = _dw_conv_tile(x_ptr + n * sxn, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K,
+        t = _dw_conv_tile(x_ptr + n * sxn, ice, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K,
                           AFFINE, ACC, True)
         g = act_forward(t, ACT)
         count = tl.sum(p_ok.to(ACC), axis=0)
@@ -252,11 +254,11 @@ def _dw_forward_stats_kernel(x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, pa
 # --- backward ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _ghat_tile(x_img, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw,
+def _ghat_tile(x_img, ice, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw,
                K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                ROW_UNROLL: tl.constexpr):
     # (t, ghat = (act(t) - mean) * rstd) with t = b + dwconv_k(u) recomputed
-    t = _dw_conv_tile(x_img, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K, AFFINE, ACC,
+    t = _dw_conv_tile(x_img, ice, isc, ish, w_ptr, b_ptr, h, w, c, p_ok, c_ok, C, H, W, sxc, sxh, sxw, K, AFFINE, ACC,
                       ROW_UNROLL)
     mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
     rs = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
@@ -265,20 +267,20 @@ def _ghat_tile(x_img, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok,
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
-                               N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, mean_ptr,
+                               rstd_ptr, part_ptr, N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
                                K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles
     # (ghat = (act(t) - mean)*rstd, t = b + dwconv_k(u) recomputed)
     pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
+    ice, isc, ish = _input_affine(in_center_ptr, in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
         n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
-        t, ghat = _ghat_tile(x_ptr + n * sxn, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C,
+        t, ghat = _ghat_tile(x_ptr + n * sxn, ice, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C,
                              H, W, sxc, sxh, sxw, K, ACT, AFFINE, ACC, True)
         ok = p_ok[:, None] & c_ok[None, :]
         dy = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
@@ -292,9 +294,9 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr,
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, rstd_ptr,
-                           dbeta_ptr, dgamma_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H, W,
-                           sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
+def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr,
+                           rstd_ptr, dbeta_ptr, dgamma_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H,
+                           W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
                            K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                            TRAINING: tl.constexpr, KK_PAD: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -309,7 +311,7 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_p
     pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    isc, ish = _input_affine(in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
+    ice, isc, ish = _input_affine(in_center_ptr, in_scale_ptr, in_shift_ptr, c, c_ok, AFFINE, ACC)
     a = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     if TRAINING:
         c1 = tl.load(dbeta_ptr + c, mask=c_ok, other=0.0).to(ACC) / M
@@ -329,7 +331,7 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_p
     for tile in range(start, end):
         n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
         x_img = x_ptr + n * sxn
-        t, ghat = _ghat_tile(x_img, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W,
+        t, ghat = _ghat_tile(x_img, ice, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W,
                              sxc, sxh, sxw, K, ACT, AFFINE, ACC, False)
         ok = p_ok[:, None] & c_ok[None, :]
         dy = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
@@ -347,7 +349,7 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_p
             hi = h + di
             wj = w + dj
             m = (p_ok & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))[:, None] & c_ok[None, :]
-            xv = _load_u(x_img + (off + (di * sxh + dj * sxw)), m, isc, ish, AFFINE, ACC)
+            xv = _load_u(x_img + (off + (di * sxh + dj * sxw)), m, ice, isc, ish, AFFINE, ACC)
             contrib = tl.sum(dt * xv, axis=0)
             prev = tl.load(dw_c + tap * C, mask=c_ok, other=0.0)
             tl.store(dw_c + tap * C, prev + contrib, mask=c_ok)
@@ -361,17 +363,18 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_p
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_scale_ptr, dx_ptr, part_ptr, N, C, H, W,
+def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_center_ptr, in_scale_ptr, dx_ptr, part_ptr, N, C, H, W,
                            sdn, sdc, sdh, sdw, stn, stc, sth, stw, sxn, sxc, sxh, sxw,
                            K: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # du[n,c,h,w] = dy[n,c,h,w] + sum_{i,j} w[c,0,i,j] * dt[n,c,h-i+pl,w-j+pl]   (residual + conv_transpose)
-    # dx = du, or with the input affine u = scale*x + shift: dx = scale*du and per program partials
-    #   part[0, s, c] = sum du*x (d scale),  part[1, s, c] = sum du (d shift)
+    # dx = du, or with the input affine u = scale*(x - center) + shift: dx = scale*du and per program
+    #   partials part[0, s, c] = sum du*(x - center) (d scale, centred here: no cancelling difference of
+    #   two large sums later),  part[1, s, c] = sum du (d shift)
     PL: tl.constexpr = (K - 1) // 2
     pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    isc, _unused = _input_affine(in_scale_ptr, in_scale_ptr, c, c < C, AFFINE, ACC)
+    ice, isc, _unused = _input_affine(in_center_ptr, in_scale_ptr, in_scale_ptr, c, c < C, AFFINE, ACC)
     sum_dux = tl.zeros([BLOCK_C], dtype=ACC)
     sum_du = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
@@ -394,7 +397,7 @@ def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_scale_ptr, dx_ptr, p
         x_offs = _offsets(h, w, c, sxc, sxh, sxw)
         if AFFINE:
             xv = tl.load(x_ptr + n * sxn + x_offs, mask=ok, other=0.0).to(ACC)
-            sum_dux += tl.sum(tl.where(ok, acc * xv, 0.0), axis=0)
+            sum_dux += tl.sum(tl.where(ok, acc * (xv - ice[None, :]), 0.0), axis=0)
             sum_du += tl.sum(tl.where(ok, acc, 0.0), axis=0)
             acc = acc * isc[None, :]
         tl.store(dx_ptr + n * sxn + x_offs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
@@ -407,7 +410,7 @@ def _dw_backward_dx_kernel(dy_ptr, dt_ptr, w_ptr, x_ptr, in_scale_ptr, dx_ptr, p
 
 # --- launchers --------------------------------------------------------------------------------------
 
-def _check(op, x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats):
+def _check(op, x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats):
     check_activation(op, x)
     C = x.shape[1]
     if weight.dim() != 4 or tuple(weight.shape[:2]) != (C, 1) or weight.shape[2] != weight.shape[3]:
@@ -419,10 +422,11 @@ def _check(op, x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, bat
     acc = acc_dtype(x.dtype)
     for name, t in (("gamma", gamma), ("beta", beta)) + ((("mean", mean), ("rstd", rstd)) if not batch_stats else ()):
         check_per_channel(op, name, t, C, acc, x.device)
-    if in_scale.numel() != in_shift.numel():
-        raise RuntimeError(f"{op}: in_scale and in_shift must both be empty or both have {C} elements, got "
-                           f"{tuple(in_scale.shape)} and {tuple(in_shift.shape)}")
+    if not in_scale.numel() == in_shift.numel() == in_center.numel():
+        raise RuntimeError(f"{op}: in_center, in_scale and in_shift must all be empty or all have {C} elements, "
+                           f"got {tuple(in_center.shape)}, {tuple(in_scale.shape)} and {tuple(in_shift.shape)}")
     if in_scale.numel():
+        check_per_channel(op, "in_center", in_center, C, acc, x.device)
         check_per_channel(op, "in_scale", in_scale, C, acc, x.device)
         check_per_channel(op, "in_shift", in_shift, C, acc, x.device)
     if C * x.shape[2] * x.shape[3] >= 2 ** 31:
@@ -447,7 +451,7 @@ def _tap_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1).t().contiguous()
 
 
-def _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act):
+def _forward_stats(x, in_center, in_scale, in_shift, weight, bias, affine, eps, act):
     """Training pass 1: (mean, rstd, var) of g = act(dwconv(u) + b) over the batch (biased var).
     weight: the (k*k, C) tap-major copy (_tap_major)."""
     N, C, H, W = x.shape
@@ -455,7 +459,7 @@ def _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act):
     acc = acc_dtype(x.dtype)
     parts = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
     _dw_forward_stats_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        x, in_scale, in_shift, weight, bias, parts, N, C, H, W, *x.stride(), K=_k_of(weight), ACT=act,
+        x, in_center, in_scale, in_shift, weight, bias, parts, N, C, H, W, *x.stride(), K=_k_of(weight), ACT=act,
         AFFINE=affine, ACC=tl_acc(x.dtype))
     mean = new_output(torch.empty(C, dtype=acc, device=x.device))
     rstd = new_output(torch.empty_like(mean))
@@ -464,47 +468,49 @@ def _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act):
     return mean, rstd, var
 
 
-def dw_block_forward(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats: bool, eps: float,
-                     act: int):
+def dw_block_forward(x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats: bool,
+                     eps: float, act: int):
     """Returns [y, mean, rstd, var]: the batch statistics (biased var) when batch_stats, else empty.
-    The block's input is u = in_scale*x + in_shift per channel, or x when both are empty."""
-    _check("dw_block_forward", x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats)
+    The block's input is u = in_scale*(x - in_center) + in_shift per channel, or x when all are empty."""
+    _check("dw_block_forward", x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats)
     N, C, H, W = x.shape
     K = weight.shape[2]
     weight = _tap_major(weight)
     affine = in_scale.numel() > 0
     if not affine:
-        in_scale = in_shift = gamma  # never read (AFFINE=False)
+        in_center = in_scale = in_shift = gamma  # never read (AFFINE=False)
     y = new_output(torch.empty_like(x))
     empty = torch.empty(0, dtype=gamma.dtype, device=x.device)
     if batch_stats:
-        mean, rstd, var = _forward_stats(x, in_scale, in_shift, weight, bias, affine, eps, act)
+        mean, rstd, var = _forward_stats(x, in_center, in_scale, in_shift, weight, bias, affine, eps, act)
     _dw_forward_apply_kernel[lambda m: (N * triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]),
                                          triton.cdiv(C, m["BLOCK_C"]))](
-        x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, y, N, C, H, W, *x.stride(), *y.stride(),
-        K=K, ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
+        x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, y, N, C, H, W, *x.stride(),
+        *y.stride(), K=K, ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
     if not batch_stats:
         return [y, empty, empty, empty.clone()]
     return [y, mean, rstd, var]
 
 
-def dw_block_batch_stats(x, in_scale, in_shift, weight, bias, act: int):
+def dw_block_batch_stats(x, in_center, in_scale, in_shift, weight, bias, act: int):
     """Synchronized BN, forward pass 1: [mean, var] (biased) of g over this call's batch; no output."""
     unused = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
-    _check("dw_block_batch_stats", x, in_scale, in_shift, weight, bias, unused, unused, unused, unused, True)
+    _check("dw_block_batch_stats", x, in_center, in_scale, in_shift, weight, bias, unused, unused, unused, unused, True)
     affine = in_scale.numel() > 0
     if not affine:
-        in_scale = in_shift = unused
-    mean, _, var = _forward_stats(x, in_scale, in_shift, _tap_major(weight), bias, affine, 1.0, act)  # rstd unused
+        in_center = in_scale = in_shift = unused
+    mean, _, var = _forward_stats(x, in_center, in_scale, in_shift, _tap_major(weight), bias, affine, 1.0,
+                                  act)  # rstd unused
     return [mean, var]
 
 
-def _backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta, dgamma):
+def _backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta,
+                     dgamma):
     """Backward pass 1: dbeta = sum dy, dgamma = sum dy*ghat (per-program partials in part_dy)."""
     N, C, H, W = x.shape
     S = part_dy.shape[1]
     _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, x, in_scale, in_shift, weight, bias, mean, rstd, part_dy, N, C, H, W, *x.stride(), *dy.stride(),
+        dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, part_dy, N, C, H, W, *x.stride(), *dy.stride(),
         K=_k_of(weight), ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
     sum_rows(part_dy[0], dbeta)
     sum_rows(part_dy[1], dgamma)
@@ -517,28 +523,28 @@ def _check_grad_output(op, dy, x):
     return dy.contiguous(memory_format=memory_format_of(x))
 
 
-def dw_block_backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, act: int):
+def dw_block_backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, act: int):
     """Synchronized BN, backward pass 1: (2, C) local sums [sum dy, sum dy*ghat]."""
-    _check("dw_block_backward_reduce", x, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, False)
+    _check("dw_block_backward_reduce", x, in_center, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, False)
     dy = _check_grad_output("dw_block_backward_reduce", dy, x)
     affine = in_scale.numel() > 0
     if not affine:
-        in_scale = in_shift = mean
+        in_center = in_scale = in_shift = mean
     C = x.shape[1]
     sums = new_output(torch.empty((2, C), dtype=mean.dtype, device=x.device))
     part_dy = new_output(torch.empty((2, _splits(x, C), C), dtype=acc_dtype(x.dtype), device=x.device))
-    _backward_reduce(dy, x, in_scale, in_shift, _tap_major(weight), bias, mean, rstd, affine, act, part_dy,
+    _backward_reduce(dy, x, in_center, in_scale, in_shift, _tap_major(weight), bias, mean, rstd, affine, act, part_dy,
                      sums[0], sums[1])
     return sums
 
 
-def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats: bool, dy_means,
-                      act: int):
+def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, batch_stats: bool,
+                      dy_means, act: int):
     """Returns [dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift] (dweight/dbias in the weight
     dtype, the rest in gamma's; the last two empty without an input affine). The dt scratch between
     the dt and dx passes is kept in the accumulation dtype. dy_means (2, C), for a synchronized BN:
     the global means of dy and dy*ghat; pass 1 is skipped and dgamma/dbeta come back empty."""
-    _check("dw_block_backward", x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
+    _check("dw_block_backward", x, in_center, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
     dy = _check_grad_output("dw_block_backward", dy, x)
     N, C, H, W = x.shape
     K = weight.shape[2]
@@ -554,7 +560,7 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
     dscale = new_output(torch.empty_like(in_scale))
     dshift = new_output(torch.empty_like(in_shift))
     if not affine:
-        in_scale = in_shift = gamma  # never read (AFFINE=False)
+        in_center = in_scale = in_shift = gamma  # never read (AFFINE=False)
     dx = new_output(torch.empty_like(x))
     dbias = new_output(torch.empty_like(bias))
     dt = new_output(torch.empty_like(x, dtype=acc))
@@ -569,26 +575,26 @@ def dw_block_backward(dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd
         dbeta = new_output(torch.empty_like(gamma))
         c1_src, c2_src, count = dbeta, dgamma, N * H * W
         if batch_stats:
-            _backward_reduce(dy, x, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta,
-                             dgamma)
+            _backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy,
+                             dbeta, dgamma)
     part_dw = new_output(torch.empty((S, K * K, C), dtype=acc, device=x.device))  # tap-major partials
     part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
     _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, x, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dt, part_dw, part_db, part_dy,
-        count, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
+        dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dt, part_dw, part_db,
+        part_dy, count, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
         KK_PAD=triton.next_power_of_2(K * K))
     if not batch_stats:
         sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
         sum_rows(part_dy[1], dgamma)  # dgamma = sum dy*ghat
     part_aff = new_output(torch.empty((2, S, C), dtype=acc, device=x.device)) if affine else dt
     _dw_backward_dx_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, dt, weight, x, in_scale, dx, part_aff, N, C, H, W, *dy.stride(), *dt.stride(), *dx.stride(), K=K,
+        dy, dt, weight, x, in_center, in_scale, dx, part_aff, N, C, H, W, *dy.stride(), *dt.stride(), *dx.stride(), K=K,
         AFFINE=affine, ACC=ACC)
     dw_kc = torch.empty((K * K, C), dtype=weight.dtype, device=x.device)
     sum_rows(part_dw, dw_kc)
     dweight.copy_(dw_kc.t().reshape(dweight.shape))
     sum_rows(part_db, dbias)
     if affine:
-        sum_rows(part_aff[0], dscale)  # d in_scale = sum du*x
+        sum_rows(part_aff[0], dscale)  # d in_scale = sum du*(x - in_center)
         sum_rows(part_aff[1], dshift)  # d in_shift = sum du
     return [dx, dweight, dbias, dgamma, dbeta, dscale, dshift]

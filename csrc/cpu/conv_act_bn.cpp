@@ -20,6 +20,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../common/block_math.h"
@@ -47,11 +48,40 @@ std::pair<int64_t, int64_t> block_rows(const PCQ& s, int64_t b) {
 }
 
 // Training statistics: T += b in place (T is the GEMM output in the accumulation type); returns the
+// g = act(t) as the next block reads it: rounded to the output dtype when STORED.
+template <typename scalar_t, int A, bool STORED, typename acc_t>
+inline acc_t g_value(acc_t t) {
+  const acc_t g = act_forward<A>(t);
+  return STORED ? static_cast<acc_t>(static_cast<scalar_t>(g)) : g;
+}
+
+// The backward's g: act(t) as the forward stored it when the BN apply was deferred (g_dtype, the stored
+// dtype; Undefined when the op applied the BN itself). The next block normalized the stored g, so ghat
+// (the rstd gradient's weights) must be of the stored g too. On the exact double path the stored
+// dtype is the caller's, known at run time.
+template <typename scalar_t, int A, typename acc_t>
+inline acc_t g_as_stored(acc_t t, at::ScalarType g_dtype) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    const double g = act_forward<A>(t);
+    switch (g_dtype) {
+      case at::kFloat: return static_cast<float>(g);
+      case at::kBFloat16: return static_cast<float>(c10::BFloat16(static_cast<float>(g)));
+      case at::kHalf: return static_cast<float>(c10::Half(static_cast<float>(g)));
+      default: return g;
+    }
+  } else {
+    return g_dtype == at::ScalarType::Undefined ? g_value<scalar_t, A, false>(t) : g_value<scalar_t, A, true>(t);
+  }
+}
+
 // mean and biased var of act(T) per channel. Per block, exact two-pass moments over the (cached)
-// block; blocks merged in order with Chan's rule. With g_out (the BN apply left to the next block),
-// the second sweep over the cached block also writes g = act(t), and t_out (t in the output dtype)
-// when given, so no apply pass over the whole of T follows.
-template <typename acc_t, typename scalar_t, bool CL, int A>
+// block; blocks merged in order with Chan's rule. STORE_G (the BN apply left to the next block): the
+// second sweep over the cached block also writes g = act(t), and t_out (t in the output dtype) when
+// given, so no apply pass over the whole of T follows; the moments are then those of the stored
+// (rounded) g, which the next block normalizes. Moments of the unrounded g would scale bf16 rounding
+// noise by the wrong rstd: with a small spread, the noise is most of the stored g's variance (a
+// depthwise batch mean 170x further from float64 than PyTorch's was seen).
+template <typename acc_t, typename scalar_t, bool CL, int A, bool STORE_G>
 void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, double* var_out,
                 scalar_t* g_out = nullptr, scalar_t* t_out = nullptr) {
   const int64_t nb = num_blocks<CL>(s);
@@ -71,18 +101,18 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
 #pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             row[c] += bv[c];
-            sum[c] += act_forward<A>(row[c]);
+            sum[c] += g_value<scalar_t, A, STORE_G>(row[c]);
           }
         }
         for (int64_t c = 0; c < s.C; ++c) mu[c] = sum[c] / static_cast<acc_t>(cnt);
         std::fill(m2.begin(), m2.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
           const acc_t* row = T + p * s.C;
-          if (g_out) {
+          if (STORE_G) {
             scalar_t* grow = g_out + p * s.C;
             scalar_t* trow = t_out ? t_out + p * s.C : nullptr;
             for (int64_t c = 0; c < s.C; ++c) {
-              const acc_t gv = act_forward<A>(row[c]);
+              const acc_t gv = g_value<scalar_t, A, true>(row[c]);
               grow[c] = static_cast<scalar_t>(gv);
               if (trow) trow[c] = static_cast<scalar_t>(row[c]);
               m2[c] += (gv - mu[c]) * (gv - mu[c]);
@@ -107,16 +137,16 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
 #pragma omp simd reduction(+ : sm)
           for (int64_t q = 0; q < s.Q; ++q) {
             plane[q] += b0;
-            sm += act_forward<A>(plane[q]);
+            sm += g_value<scalar_t, A, STORE_G>(plane[q]);
           }
           const acc_t m = sm / static_cast<acc_t>(cnt);
           acc_t sq = 0;
-          if (g_out) {
+          if (STORE_G) {
             scalar_t* gp = g_out + (p0 * s.C + c) * s.Q;
             scalar_t* tp = t_out ? t_out + (p0 * s.C + c) * s.Q : nullptr;
 #pragma omp simd reduction(+ : sq)
             for (int64_t q = 0; q < s.Q; ++q) {
-              const acc_t gv = act_forward<A>(plane[q]);
+              const acc_t gv = g_value<scalar_t, A, true>(plane[q]);
               gp[q] = static_cast<scalar_t>(gv);
               if (tp) tp[q] = static_cast<scalar_t>(plane[q]);
               sq += (gv - m) * (gv - m);
@@ -197,7 +227,7 @@ void apply_pass(const PCQ& s, const acc_t* T, const scalar_t* bias, scalar_t* t_
 template <typename scalar_t, bool CL, int A, bool FORM_DT>
 void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
                    const double* delta, const double* a, const double* c1, const double* c2, scalar_t* dT,
-                   double* sum_dt, double* sum_dy, double* sum_dyg) {
+                   double* sum_dt, double* sum_dy, double* sum_dyg, at::ScalarType g_dtype) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = num_blocks<CL>(s);
   constexpr bool form_dt = FORM_DT;
@@ -235,7 +265,7 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t tv = static_cast<acc_t>(t[o + c]);
             const acc_t d = static_cast<acc_t>(dy[o + c]);
-            const acc_t gv = act_forward<A>(tv);
+            const acc_t gv = g_as_stored<scalar_t, A>(tv, g_dtype);
             if constexpr (form_dt) {
               const double gh = (static_cast<double>(gv) - mud[c]) * rsd[c];
               sdy[c] += d;
@@ -262,7 +292,7 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t tv = static_cast<acc_t>(t[o + q]);
                 const acc_t d = static_cast<acc_t>(dy[o + q]);
-                const double gh = (static_cast<double>(act_forward<A>(tv)) - md) * rd;
+                const double gh = (static_cast<double>(g_as_stored<scalar_t, A>(tv, g_dtype)) - md) * rd;
                 const acc_t dg = static_cast<acc_t>(aa * (static_cast<double>(d) - kk1 - gh * kk2));
                 const acc_t dt = dg * act_backward<A>(tv);
                 dT[o + q] = static_cast<scalar_t>(dt);
@@ -275,7 +305,7 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t tv = static_cast<acc_t>(t[o + q]);
                 const acc_t d = static_cast<acc_t>(dy[o + q]);
-                const acc_t gc = act_forward<A>(tv) - m;
+                const acc_t gc = g_as_stored<scalar_t, A>(tv, g_dtype) - m;
                 s0 += gc;
                 s1 += d;
                 s2 += d * (gc * r);
@@ -308,15 +338,18 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
   }
 }
 
-// dT null: the reduce pass (sum_dt then receives sum(g - mean)).
+// dT null: the reduce pass (sum_dt then receives sum(g - mean)). g_dtype: see g_as_stored.
 template <typename scalar_t, bool CL, int A>
 void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const double* mean, const double* rstd,
                    const double* delta, const double* a, const double* c1, const double* c2, scalar_t* dT,
-                   double* sum_dt, double* sum_dy, double* sum_dyg) {
+                   double* sum_dt, double* sum_dy, double* sum_dyg,
+                   at::ScalarType g_dtype = at::ScalarType::Undefined) {
   if (dT)
-    backward_pass_impl<scalar_t, CL, A, true>(s, dy, t, mean, rstd, delta, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
+    backward_pass_impl<scalar_t, CL, A, true>(s, dy, t, mean, rstd, delta, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg,
+                                              g_dtype);
   else
-    backward_pass_impl<scalar_t, CL, A, false>(s, dy, t, mean, rstd, delta, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg);
+    backward_pass_impl<scalar_t, CL, A, false>(s, dy, t, mean, rstd, delta, a, c1, c2, dT, sum_dt, sum_dy, sum_dyg,
+                                               g_dtype);
 }
 
 
@@ -358,7 +391,14 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
     auto o = conv_act_bn_forward(to_double(x), to_double(weight), to_double(bias), to_double(gamma), to_double(beta),
                                  to_double(mean), to_double(rstd), batch_stats, eps, act, patch, save_t, apply_bn);
     const auto acc = gamma.scalar_type();
-    return {o[0].to(x.scalar_type()), o[1].to(x.scalar_type()), o[2].to(acc), o[3].to(acc), o[4].to(acc)};
+    const at::Tensor y = o[0].to(x.scalar_type());
+    if (batch_stats && !apply_bn) {  // the moments of the stored g, as in stats_pass
+      const at::Tensor gd = y.to(at::kDouble);
+      const at::Tensor m = gd.mean({0, 2, 3});
+      const at::Tensor v = (gd - m.view({1, -1, 1, 1})).square().mean({0, 2, 3});
+      return {y, o[1].to(x.scalar_type()), m.to(acc), (v + eps).rsqrt().to(acc), v.to(acc)};
+    }
+    return {y, o[1].to(x.scalar_type()), o[2].to(acc), o[3].to(acc), o[4].to(acc)};
   }
   const PCQ s = pcq_of(g);
   const auto acc_opts = gamma.options();
@@ -401,15 +441,20 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
       if (batch_stats) {
         // Training: T += b with the statistics, then the apply pass. T (now t) is kept for the backward.
         // Without apply_bn, the statistics pass writes y = act(t) itself and no apply pass follows.
-        stats_pass<acc_t, scalar_t, cl, A>(s, T.data_ptr<acc_t>(), bias.const_data_ptr<scalar_t>(),
-                                           mean_d.data_ptr<double>(), var_d.data_ptr<double>(),
-                                           apply_bn ? nullptr : y.data_ptr<scalar_t>(), apply_bn ? nullptr : t_out);
+        if (apply_bn)
+          stats_pass<acc_t, scalar_t, cl, A, false>(s, T.data_ptr<acc_t>(), bias.const_data_ptr<scalar_t>(),
+                                                    mean_d.data_ptr<double>(), var_d.data_ptr<double>());
+        else
+          stats_pass<acc_t, scalar_t, cl, A, true>(s, T.data_ptr<acc_t>(), bias.const_data_ptr<scalar_t>(),
+                                                   mean_d.data_ptr<double>(), var_d.data_ptr<double>(),
+                                                   y.data_ptr<scalar_t>(), t_out);
         rstd_d = (var_d + eps).rsqrt();
         if (!apply_bn) return;
       }
       // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values);
       // A = 1, B = 0 (y = act(t)) when the next block applies the BN.
-      const at::Tensor Aff = apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones({g.Cout}, acc_opts.dtype(at::kDouble));
+      const at::Tensor Aff =
+          apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones({g.Cout}, acc_opts.dtype(at::kDouble));
       const at::Tensor Bff = apply_bn ? beta.to(at::kDouble) - mean_d * Aff : at::zeros_like(Aff);
       const scalar_t* b_apply = batch_stats ? nullptr : bias.const_data_ptr<scalar_t>();
       apply_pass<acc_t, scalar_t, cl, A>(s, T.const_data_ptr<acc_t>(), b_apply, t_out, Aff.const_data_ptr<double>(),
@@ -421,18 +466,20 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   return {y, t, mean_d.to(acc), rstd_d.to(acc), var_d.to(acc)};
 }
 
-std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
-                                             const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                                             const at::Tensor& rstd, const at::Tensor& t_saved,
-                                             const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
-                                             int64_t act, int64_t patch, bool apply_bn, bool need_dx) {
+namespace {
+// g_dtype: the dtype the forward stored g in when it deferred the BN apply (see g_as_stored).
+std::vector<at::Tensor> backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const at::Tensor& t_saved, const at::Tensor& dmean,
+                                 const at::Tensor& drstd, bool batch_stats, int64_t act, int64_t patch, bool apply_bn,
+                                 bool need_dx, at::ScalarType g_dtype) {
   check_cab_inputs(x, weight, bias, gamma, gamma, patch);
   const PatchGemm g = make_patch_gemm(x, weight, patch);
   if (use_exact_training(x.scalar_type(), batch_stats, g.N * g.Ho * g.Wo)) {
     // t is recomputed in double from x (a saved t is rounded to x's dtype).
-    auto o = conv_act_bn_backward(to_double(dy_in), to_double(x), to_double(weight), to_double(bias),
-                                  to_double(gamma), to_double(mean), to_double(rstd), at::empty({0}, x.options().dtype(at::kDouble)),
-                                  to_double(dmean), to_double(drstd), batch_stats, act, patch, apply_bn, need_dx);
+    auto o = backward(to_double(dy_in), to_double(x), to_double(weight), to_double(bias), to_double(gamma),
+                      to_double(mean), to_double(rstd), at::empty({0}, x.options().dtype(at::kDouble)),
+                      to_double(dmean), to_double(drstd), batch_stats, act, patch, apply_bn, need_dx, g_dtype);
     const auto acc = gamma.scalar_type();
     return {o[0].to(x.scalar_type()), o[1].to(weight.scalar_type()), o[2].to(bias.scalar_type()), o[3].to(acc),
             o[4].to(acc)};
@@ -485,7 +532,7 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
                                      delta.defined() ? delta.const_data_ptr<double>() : nullptr,
                                      a.const_data_ptr<double>(), c1.const_data_ptr<double>(),
                                      c2.const_data_ptr<double>(), dT.data_ptr<scalar_t>(), sum_dt.data_ptr<double>(),
-                                     sum_dy.data_ptr<double>(), sum_dyg.data_ptr<double>());
+                                     sum_dy.data_ptr<double>(), sum_dyg.data_ptr<double>(), g_dtype);
     });
   });
   // GEMMs of the backward: dW = dT^T Z, dZ = dT W.
@@ -508,6 +555,16 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
   }
   return {dx, dW2.to(weight.scalar_type()).view(weight.sizes()), sum_dt.to(bias.scalar_type()), sum_dyg.to(acc),
           sum_dy.to(acc)};
+}
+}  // namespace
+
+std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
+                                             const at::Tensor& rstd, const at::Tensor& t_saved,
+                                             const at::Tensor& dmean, const at::Tensor& drstd, bool batch_stats,
+                                             int64_t act, int64_t patch, bool apply_bn, bool need_dx) {
+  return backward(dy_in, x, weight, bias, gamma, mean, rstd, t_saved, dmean, drstd, batch_stats, act, patch, apply_bn,
+                  need_dx, apply_bn ? at::ScalarType::Undefined : x.scalar_type());
 }
 
 }  // namespace cpu

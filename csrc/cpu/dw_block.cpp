@@ -71,12 +71,16 @@ inline int64_t elem_offset(const PlaneGeom& g, int64_t n, int64_t c, int64_t p) 
 
 // Copy plane (n, group) of src into the zero-padded buffer with its top-left corner at (off, off).
 // The halo and the round-up margin are never written, so a buffer zeroed once per thread stays valid.
-// With an input affine (per-lane scale/shift, see InputAffine) the buffer holds u = scale*x + shift:
+// With an input affine (per-lane center/scale/shift, see InputAffine) the buffer holds u = aff.apply(x):
 // the previous block's BN apply happens here, on in-bounds elements only (zero padding is of u).
 template <typename acc_t>
 struct InputAffine {
-  const acc_t* scale = nullptr;  // per lane (group_lanes); nullptr: u = x
+  const acc_t* center = nullptr;  // per lane (group_lanes); scale nullptr: u = x
+  const acc_t* scale = nullptr;
   const acc_t* shift = nullptr;
+  // BatchNorm's order: the centre comes off first (exact when x is near it), so |mean| >> std does not
+  // cancel as scale*x + (shift - scale*center) would.
+  acc_t apply(int lane, acc_t x) const { return scale[lane] * (x - center[lane]) + shift[lane]; }
 };
 
 template <typename scalar_t, typename acc_t, bool CL>
@@ -97,13 +101,11 @@ void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gro
         }
       if (aff.scale)
         for (int64_t w = 0; w < g.W; ++w)
-          for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.scale[c] * row[w * CB + c] + aff.shift[c];
+          for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.apply(c, row[w * CB + c]);
     } else {
       for (int64_t w = 0; w < g.W; ++w) row[w] = static_cast<acc_t>(s[w]);
-      if (aff.scale) {
-        const acc_t a = aff.scale[0], b = aff.shift[0];
-        for (int64_t w = 0; w < g.W; ++w) row[w] = a * row[w] + b;
-      }
+      if (aff.scale)
+        for (int64_t w = 0; w < g.W; ++w) row[w] = aff.apply(0, row[w]);
     }
   }
 }
@@ -134,15 +136,30 @@ std::vector<acc_t> group_lanes(const PlaneGeom& g, const T* v, int64_t group) {
   return out;
 }
 
-// Per-lane input affine of one channel group (group_lanes of scale and shift, kept alive in sc/sh);
-// none when scale is null.
+// The per-channel input affine of a call (null pointers: none).
+template <typename acc_t>
+struct ChannelAffine {
+  const acc_t* center = nullptr;
+  const acc_t* scale = nullptr;
+  const acc_t* shift = nullptr;
+};
+
+template <typename acc_t>
+ChannelAffine<acc_t> channel_affine(const at::Tensor& center, const at::Tensor& scale, const at::Tensor& shift) {
+  if (scale.numel() == 0) return {};
+  return {center.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()};
+}
+
+// Per-lane input affine of one channel group (group_lanes of the three vectors, kept alive in `lanes`);
+// none when the call has none.
 template <typename acc_t, bool CL>
-InputAffine<acc_t> group_input_affine(const PlaneGeom& g, const acc_t* scale, const acc_t* shift, int64_t group,
-                                      std::vector<acc_t>& sc, std::vector<acc_t>& sh) {
-  if (!scale) return {};
-  sc = group_lanes<acc_t, CL>(g, scale, group);
-  sh = group_lanes<acc_t, CL>(g, shift, group);
-  return {sc.data(), sh.data()};
+InputAffine<acc_t> group_input_affine(const PlaneGeom& g, const ChannelAffine<acc_t>& aff, int64_t group,
+                                      std::vector<acc_t> (&lanes)[3]) {
+  if (!aff.scale) return {};
+  lanes[0] = group_lanes<acc_t, CL>(g, aff.center, group);
+  lanes[1] = group_lanes<acc_t, CL>(g, aff.scale, group);
+  lanes[2] = group_lanes<acc_t, CL>(g, aff.shift, group);
+  return {lanes[0].data(), lanes[1].data(), lanes[2].data()};
 }
 
 // Values of one plane in a dense buffer of plane_len(g) elements: H*W*CB, rounded up to whole vectors.
@@ -161,10 +178,8 @@ void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gr
   const scalar_t* s = src + elem_offset<CL>(g, n, c0, 0);
   if (!CL) {
     for (int64_t p = 0; p < g.HW; ++p) dst[p] = static_cast<acc_t>(s[p]);
-    if (aff.scale) {
-      const acc_t a = aff.scale[0], b = aff.shift[0];
-      for (int64_t p = 0; p < g.HW; ++p) dst[p] = a * dst[p] + b;
-    }
+    if (aff.scale)
+      for (int64_t p = 0; p < g.HW; ++p) dst[p] = aff.apply(0, dst[p]);
     return;
   } else if (cb == CB) {
     for (int64_t p = 0; p < g.HW; ++p)
@@ -175,7 +190,7 @@ void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gr
   }
   if (aff.scale)
     for (int64_t p = 0; p < g.HW; ++p)
-      for (int c = 0; c < CB; ++c) dst[p * CB + c] = aff.scale[c] * dst[p * CB + c] + aff.shift[c];
+      for (int c = 0; c < CB; ++c) dst[p * CB + c] = aff.apply(c, dst[p * CB + c]);
 }
 
 // Plane (n, group) of a tensor <- dense plane (valid lanes only).
@@ -196,7 +211,7 @@ void scatter_plane(const PlaneGeom& g, const acc_t* src, int64_t n, int64_t grou
 }
 
 // Dense plane -> interior of a zero-halo buffer at offset (off, off), through the input affine
-// when one is given (u = scale*x + shift per lane).
+// when one is given (u = aff.apply(x) per lane).
 template <typename acc_t, bool CL>
 void plane_to_padded(const PlaneGeom& g, const acc_t* src, int64_t off, acc_t* buf, InputAffine<acc_t> aff = {}) {
   constexpr int CB = TileShape<acc_t, CL>::CB;
@@ -207,9 +222,9 @@ void plane_to_padded(const PlaneGeom& g, const acc_t* src, int64_t off, acc_t* b
       std::memcpy(row, in, g.W * CB * sizeof(acc_t));
     } else if (CL) {
       for (int64_t w = 0; w < g.W; ++w)
-        for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.scale[c] * in[w * CB + c] + aff.shift[c];
+        for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.apply(c, in[w * CB + c]);
     } else {
-      for (int64_t w = 0; w < g.W; ++w) row[w] = aff.scale[0] * in[w] + aff.shift[0];
+      for (int64_t w = 0; w < g.W; ++w) row[w] = aff.apply(0, in[w]);
     }
   }
 }
@@ -472,9 +487,10 @@ struct Scratch {
 };
 
 template <typename scalar_t, bool CL>
-void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
-                  const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
-                  double eps, int64_t act, at::Tensor& y, at::Tensor& var, bool stats_only = false) {
+void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Tensor& in_scale,
+                  const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+                  const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats, double eps,
+                  int64_t act, at::Tensor& y, at::Tensor& var, bool stats_only = false) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
@@ -488,8 +504,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
   acc_t* rstdp = rstd.data_ptr<acc_t>();
   acc_t* varp = batch_stats ? var.data_ptr<acc_t>() : nullptr;
   scalar_t* yp = stats_only ? nullptr : y.data_ptr<scalar_t>();
-  const acc_t* isp = in_scale.numel() ? in_scale.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* ishp = in_scale.numel() ? in_shift.const_data_ptr<acc_t>() : nullptr;
+  const ChannelAffine<acc_t> affp = channel_affine<acc_t>(in_center, in_scale, in_shift);
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
@@ -514,7 +529,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
       // Eval: planes are independent; one pass over x (the residual comes from the padded copy).
       at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
         Scratch<acc_t, CL> s(g, false);
-        std::vector<acc_t> scale, shift, in_sc, in_sh;
+        std::vector<acc_t> scale, shift, in_lanes[3];
         InputAffine<acc_t> in_aff;
         int64_t cur = -1;
         std::vector<acc_t> wt, bv;
@@ -524,7 +539,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
             wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
             bv = group_lanes<acc_t, CL>(g, bp, group);
             affine(group, scale, shift);
-            in_aff = group_input_affine<acc_t, CL>(g, isp, ishp, group, in_sc, in_sh);
+            in_aff = group_input_affine<acc_t, CL>(g, affp, group, in_lanes);
             cur = group;
           }
           load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
@@ -580,11 +595,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
-      std::vector<acc_t> scale, shift, in_sc, in_sh;
+      std::vector<acc_t> scale, shift, in_lanes[3];
       for (int64_t group = begin; group < end; ++group) {
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
         const auto bv = group_lanes<acc_t, CL>(g, bp, group);
-        const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, isp, ishp, group, in_sc, in_sh);
+        const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, affp, group, in_lanes);
         acc_t* G = s.batch.data();
         double sum[VL] = {0}, m2[VL] = {0};
         for (int64_t n = 0; n < g.N; ++n) {
@@ -637,11 +652,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_scale, const at::Ten
 }
 
 template <typename scalar_t, bool CL>
-void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
-                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,
-                   const at::Tensor& rstd, bool batch_stats, const at::Tensor& dy_means, int64_t act, at::Tensor& dx,
-                   at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dscale,
-                   at::Tensor& dshift, at::Tensor* reduce_out = nullptr) {
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_center, const at::Tensor& in_scale,
+                   const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
+                   const at::Tensor& dy_means, int64_t act, at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias,
+                   at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& dscale, at::Tensor& dshift,
+                   at::Tensor* reduce_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
   const PlaneGeom g = make_geom<acc_t, CL>(x, weight.size(2));
@@ -660,8 +676,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   acc_t* dgp = dgamma.data_ptr<acc_t>();
   acc_t* dbetap = dbeta.data_ptr<acc_t>();
   const bool has_affine = in_scale.numel() > 0;
-  const acc_t* isp = has_affine ? in_scale.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* ishp = has_affine ? in_shift.const_data_ptr<acc_t>() : nullptr;
+  const ChannelAffine<acc_t> affp = channel_affine<acc_t>(in_center, in_scale, in_shift);
   acc_t* dscp = has_affine ? dscale.data_ptr<acc_t>() : nullptr;
   acc_t* dshp = has_affine ? dshift.data_ptr<acc_t>() : nullptr;
   // Synchronized BN: c1, c2 are the global means (2, C) of dy and dy*ghat; the local sums are not output.
@@ -683,8 +698,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         const auto mu = group_lanes<acc_t, CL>(g, meanp, group);
         const auto rs = group_lanes<acc_t, CL>(g, rstdp, group);
         const auto ga = group_lanes<acc_t, CL>(g, gp, group);
-        std::vector<acc_t> in_sc, in_sh;
-        const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, isp, ishp, group, in_sc, in_sh);
+        std::vector<acc_t> in_lanes[3];
+        const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, affp, group, in_lanes);
         acc_t* T = s.batch.data();
         acc_t* dyb = s.aux.data();
 
@@ -785,14 +800,14 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           conv_plane<acc_t, CL>(g, dtpad.data(), wflip.data(), zero.data(), dtb);
           for (int64_t e = 0; e < len; ++e) dyb[e] += dtb[e];
           if (has_affine) {
-            // u = scale*x + shift:  dx = scale*du,  dscale = sum(du*x),  dshift = sum(du)
+            // u = scale*(x - center) + shift:  dx = scale*du,  dscale = sum(du*(x - center)),  dshift = sum(du)
             acc_t p1[VL] = {0}, p2[VL] = {0};
             for (int64_t e = 0; e < len; e += VL)
               for (int l = 0; l < VL; ++l) {
                 const acc_t du = (e + l < valid) ? dyb[e + l] : acc_t(0);
-                p1[l] += du * xraw[e + l];
+                p1[l] += du * (xraw[e + l] - in_aff.center[l]);
                 p2[l] += du;
-                dyb[e + l] = in_sc[l] * du;
+                dyb[e + l] = in_aff.scale[l] * du;
               }
             reduce_lanes<acc_t, CL>(p1, dscacc);
             reduce_lanes<acc_t, CL>(p2, dshacc);
@@ -819,15 +834,15 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 
 }  // namespace
 
-std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
-                                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
-                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
-                                         bool batch_stats, double eps, int64_t act) {
-  check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats);
+std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_center, const at::Tensor& in_scale,
+                                         const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
+                                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                                         const at::Tensor& rstd, bool batch_stats, double eps, int64_t act) {
+  check_dw_inputs(x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats);
   if (use_exact_training(x.scalar_type(), batch_stats, x.size(0) * x.size(2) * x.size(3))) {
-    auto o = dw_block_forward(to_double(x), to_double(in_scale), to_double(in_shift), to_double(weight),
-                              to_double(bias), to_double(gamma), to_double(beta), to_double(mean), to_double(rstd),
-                              batch_stats, eps, act);
+    auto o = dw_block_forward(to_double(x), to_double(in_center), to_double(in_scale), to_double(in_shift),
+                              to_double(weight), to_double(bias), to_double(gamma), to_double(beta), to_double(mean),
+                              to_double(rstd), batch_stats, eps, act);
     const auto acc = gamma.scalar_type();
     return {o[0].to(x.scalar_type()), o[1].to(acc), o[2].to(acc), o[3].to(acc)};
   }
@@ -839,11 +854,11 @@ std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& 
   at::Tensor var_out = batch_stats ? poisoned(at::empty({x.size(1)}, acc_opts)) : at::empty({0}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_forward_cpu", [&] {
     if (cl)
-      forward_impl<scalar_t, true>(x, in_scale, in_shift, weight.contiguous(), bias, gamma, beta, mean_out, rstd_out,
-                                   batch_stats, eps, act, y, var_out);
+      forward_impl<scalar_t, true>(x, in_center, in_scale, in_shift, weight.contiguous(), bias, gamma, beta, mean_out,
+                                   rstd_out, batch_stats, eps, act, y, var_out);
     else
-      forward_impl<scalar_t, false>(x, in_scale, in_shift, weight.contiguous(), bias, gamma, beta, mean_out, rstd_out,
-                                    batch_stats, eps, act, y, var_out);
+      forward_impl<scalar_t, false>(x, in_center, in_scale, in_shift, weight.contiguous(), bias, gamma, beta, mean_out,
+                                    rstd_out, batch_stats, eps, act, y, var_out);
   });
   if (!batch_stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts), var_out};
   return {y, mean_out, rstd_out, var_out};
@@ -870,38 +885,40 @@ void check_dy_means(const at::Tensor& dy_means, bool batch_stats, int64_t C, at:
 }
 }  // namespace
 
-std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
+std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_center,
+                                             const at::Tensor& in_scale, const at::Tensor& in_shift,
                                              const at::Tensor& weight, const at::Tensor& bias, int64_t act) {
   const auto acc_opts = x.options().dtype(acc_type_for(x.scalar_type()));
   const int64_t C = x.size(1);
   const at::Tensor unused = at::zeros({C}, acc_opts);  // gamma/beta: read only by the apply pass
-  check_dw_inputs(x, in_scale, in_shift, weight, bias, unused, unused, unused, unused, true);
+  check_dw_inputs(x, in_center, in_scale, in_shift, weight, bias, unused, unused, unused, unused, true);
   at::Tensor mean = poisoned(at::empty({C}, acc_opts));
   at::Tensor rstd = at::empty({C}, acc_opts);
   at::Tensor var = poisoned(at::empty({C}, acc_opts));
   at::Tensor no_y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_batch_stats_cpu", [&] {
     if (is_channels_last(x))
-      forward_impl<scalar_t, true>(x, in_scale, in_shift, weight.contiguous(), bias, unused, unused, mean, rstd, true,
-                                   1.0, act, no_y, var, /*stats_only=*/true);
+      forward_impl<scalar_t, true>(x, in_center, in_scale, in_shift, weight.contiguous(), bias, unused, unused, mean,
+                                   rstd, true, 1.0, act, no_y, var, /*stats_only=*/true);
     else
-      forward_impl<scalar_t, false>(x, in_scale, in_shift, weight.contiguous(), bias, unused, unused, mean, rstd, true,
-                                    1.0, act, no_y, var, /*stats_only=*/true);
+      forward_impl<scalar_t, false>(x, in_center, in_scale, in_shift, weight.contiguous(), bias, unused, unused, mean,
+                                    rstd, true, 1.0, act, no_y, var, /*stats_only=*/true);
   });
   return {mean, var};
 }
 
-std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_scale,
-                                          const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
-                                          const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd,
-                                          bool batch_stats, const at::Tensor& dy_means, int64_t act) {
-  check_dw_inputs(x, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, false);
+std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_center,
+                                          const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                          const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+                                          const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,
+                                          const at::Tensor& dy_means, int64_t act) {
+  check_dw_inputs(x, in_center, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, false);
   check_dy_means(dy_means, batch_stats, x.size(1), gamma.scalar_type());
   const at::Tensor dy = dense_grad_output("dw_block_backward", dy_in, x);
   if (dy_means.numel() == 0 && use_exact_training(x.scalar_type(), batch_stats, x.size(0) * x.size(2) * x.size(3))) {
-    auto o = dw_block_backward(to_double(dy), to_double(x), to_double(in_scale), to_double(in_shift),
-                               to_double(weight), to_double(bias), to_double(gamma), to_double(mean), to_double(rstd),
-                               batch_stats, to_double(dy_means), act);
+    auto o = dw_block_backward(to_double(dy), to_double(x), to_double(in_center), to_double(in_scale),
+                               to_double(in_shift), to_double(weight), to_double(bias), to_double(gamma),
+                               to_double(mean), to_double(rstd), batch_stats, to_double(dy_means), act);
     const auto acc = gamma.scalar_type();
     return {o[0].to(x.scalar_type()), o[1].to(weight.scalar_type()), o[2].to(bias.scalar_type()), o[3].to(acc),
             o[4].to(acc), o[5].to(acc), o[6].to(acc)};
@@ -917,29 +934,30 @@ std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Ten
   at::Tensor dshift = poisoned(at::empty_like(in_shift));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_backward_cpu", [&] {
     if (cl)
-      backward_impl<scalar_t, true>(dy, x, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
+      backward_impl<scalar_t, true>(dy, x, in_center, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
                                     batch_stats, dy_means, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
     else
-      backward_impl<scalar_t, false>(dy, x, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
+      backward_impl<scalar_t, false>(dy, x, in_center, in_scale, in_shift, weight.contiguous(), bias, gamma, mean, rstd,
                                      batch_stats, dy_means, act, dx, dweight, dbias, dgamma, dbeta, dscale, dshift);
   });
   return {dx, dweight, dbias, dgamma, dbeta, dscale, dshift};
 }
 
-at::Tensor dw_block_backward_reduce(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_scale,
-                                    const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
-                                    const at::Tensor& mean, const at::Tensor& rstd, int64_t act) {
-  check_dw_inputs(x, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, false);
+at::Tensor dw_block_backward_reduce(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& in_center,
+                                    const at::Tensor& in_scale, const at::Tensor& in_shift, const at::Tensor& weight,
+                                    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                    int64_t act) {
+  check_dw_inputs(x, in_center, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, false);
   const at::Tensor dy = dense_grad_output("dw_block_backward_reduce", dy_in, x);
   at::Tensor sums = poisoned(at::empty({2, x.size(1)}, mean.options()));
   at::Tensor none_x = x.new_empty({0}), none_w = weight.new_empty({0}), none = mean.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_backward_reduce_cpu", [&] {
     if (is_channels_last(x))
-      backward_impl<scalar_t, true>(dy, x, in_scale, in_shift, weight.contiguous(), bias, mean, mean, rstd, true,
-                                    none, act, none_x, none_w, none_w, none, none, none, none, &sums);
+      backward_impl<scalar_t, true>(dy, x, in_center, in_scale, in_shift, weight.contiguous(), bias, mean, mean, rstd,
+                                    true, none, act, none_x, none_w, none_w, none, none, none, none, &sums);
     else
-      backward_impl<scalar_t, false>(dy, x, in_scale, in_shift, weight.contiguous(), bias, mean, mean, rstd, true,
-                                     none, act, none_x, none_w, none_w, none, none, none, none, &sums);
+      backward_impl<scalar_t, false>(dy, x, in_center, in_scale, in_shift, weight.contiguous(), bias, mean, mean, rstd,
+                                     true, none, act, none_x, none_w, none_w, none, none, none, none, &sums);
   });
   return sums;
 }

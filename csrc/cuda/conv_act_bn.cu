@@ -24,7 +24,8 @@ CMK_DEV float load_t(const T* __restrict__ t_saved, const float* __restrict__ T_
 }
 
 // With g_out (the BN apply deferred to the next depthwise block) it also writes y = g = act(t), and
-// t in the input dtype to t_out when given, so no apply pass follows.
+// t in the input dtype to t_out when given, so no apply pass follows; the moments are then those of
+// the stored (rounded) g, which the next block normalizes (csrc/cpu/conv_act_bn.cpp stats_pass).
 template <typename T, int ACT>
 __global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const T* __restrict__ b, int cpb,
                                          int64_t chunk, float* __restrict__ ws, T* __restrict__ g_out,
@@ -39,12 +40,14 @@ __global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
       const float t = Tm[e] + bc;
       Tm[e] = t;
-      const float g = act_forward<ACT>(t);
-      acc.merge(1.f, g, 0.f);
+      float g = act_forward<ACT>(t);
       if (g_out != nullptr) {
-        g_out[e] = from_acc<T>(g);
+        const T stored = from_acc<T>(g);
+        g_out[e] = stored;
+        g = to_acc(stored);
         if (t_out != nullptr) t_out[e] = from_acc<T>(t);
       }
+      acc.merge(1.f, g, 0.f);
     }
   }
   block_channel_welford(acc, cpb);
@@ -139,7 +142,9 @@ __global__ void cab_backward_dt_kernel(Layout L, const T* __restrict__ dy, const
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
       const float t = load_t(t_saved, T_acc, bc, e);
-      const float ghat = (act_forward<ACT>(t) - mu) * rs;
+      // a deferred BN normalized the stored g (csrc/cpu/conv_act_bn.cpp g_as_stored)
+      const float g = apply_bn ? act_forward<ACT>(t) : to_acc(from_acc<T>(act_forward<ACT>(t)));
+      const float ghat = (g - mu) * rs;
       const float dt = co.a * (to_acc(dy[e]) - co.c1 - ghat * co.c2) * act_backward<ACT>(t);
       dT[e] = from_acc<T>(dt);
       s[0] += dt;

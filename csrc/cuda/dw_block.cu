@@ -1,5 +1,5 @@
 // Fused depthwise block on the GPU:  y = u + gamma * (act(dwconv_k(u) + b) - mean) * rstd + beta, where
-// u = in_scale[c]*x + in_shift[c] (the previous pointwise block's BN apply folded into this block's
+// u = in_scale[c]*(x - in_center[c]) + in_shift[c] (the previous pointwise block's BN apply folded into this block's
 // loads, DESIGN.md section 3) or u = x without an input affine. DESIGN.md section 3 is the
 // specification; the formulas come from ../common/block_math.h.
 //
@@ -22,7 +22,7 @@
 //   dw_backward_tile_kernel   backward pass 2 on spatial tiles in shared memory: u tile with a double
 //                             halo -> t, dt on the tile plus a halo -> du = dy + conv_transpose(dt),
 //                             dx = in_scale*du; per-(channel, tap) partials of dw and db accumulated
-//                             across the tiles a block owns, and per-channel sums of du*x and du
+//                             across the tiles a block owns, and per-channel sums of du*(x - center) and du
 //                             (din_scale, din_shift); sum_splits_kernel adds the blocks' partials.
 // Every read of x goes through the input affine (in-bounds elements only: the zero padding is of u).
 // Launches go on the caller's stream and are checked. Under CMK_CUDA_EMULATION this file compiles as
@@ -35,19 +35,28 @@ namespace {
 
 constexpr int kMaxGradItems = 8;  // (channel, tap) accumulators per thread in the backward tile kernel
 
-// The block's input u = scale[c]*x + shift[c], in fp32 and not rounded: the previous pointwise block's
-// BN apply, folded into this block's loads. Null pointers (no input affine): scale 1, shift 0, u = x.
-struct InputAffine {
-  const float* scale;
-  const float* shift;
-  CMK_DEV float scale_of(int64_t c) const { return scale != nullptr ? scale[c] : 1.f; }
-  CMK_DEV float shift_of(int64_t c) const { return shift != nullptr ? shift[c] : 0.f; }
+// One channel's input affine u = sc*(x - ce) + sh. The centre comes off first, as in BatchNorm: x - ce
+// is exact when x is near it, where sc*x + (sh - sc*ce) would cancel for |mean| >> std.
+struct ChannelAffine {
+  float ce, sc, sh;
+  CMK_DEV float operator()(float x) const { return sc * (x - ce) + sh; }
 };
 
-// t = b + sum_{i,j} w[c,i,j] * u[n, c, h+i-pl, w+j-pl] with u = sc*x + sh read from global memory
+// The block's input u = scale[c]*(x - center[c]) + shift[c], in fp32 and not rounded: the previous
+// pointwise block's BN apply, folded into this block's loads. Null pointers (no input affine): u = x.
+struct InputAffine {
+  const float* center;
+  const float* scale;
+  const float* shift;
+  CMK_DEV ChannelAffine of(int64_t c) const {
+    return scale != nullptr ? ChannelAffine{center[c], scale[c], shift[c]} : ChannelAffine{0.f, 1.f, 0.f};
+  }
+};
+
+// t = b + sum_{i,j} w[c,i,j] * u[n, c, h+i-pl, w+j-pl] with u = af(x) read from global memory
 // (zero padding of u).
 template <typename T>
-CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, float sc, float sh, const T* __restrict__ w,
+CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, ChannelAffine af, const T* __restrict__ w,
                       float bias, int64_t n, int64_t c, int64_t h, int64_t wc) {
   const int pl = (k - 1) / 2;
   const T* wrow = w + c * k * k;
@@ -58,7 +67,7 @@ CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, float sc,
     for (int j = 0; j < k; ++j) {
       const int64_t ww = wc + j - pl;
       if (ww < 0 || ww >= L.W) continue;
-      acc += to_acc(wrow[i * k + j]) * (sc * to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]) + sh);
+      acc += to_acc(wrow[i * k + j]) * af(to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]));
     }
   }
   return acc;
@@ -74,10 +83,11 @@ __global__ void dw_stats_generic_kernel(Layout L, int k, const T* __restrict__ x
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
   Welford<float> acc;
   if (c < L.C) {
-    const float bc = to_acc(b[c]), sc = in.scale_of(c), sh = in.shift_of(c);
+    const float bc = to_acc(b[c]);
+    const ChannelAffine af = in.of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
-      const float t = conv_at(L, k, x, sc, sh, w, bc, n, c, pix / L.W, pix % L.W);
+      const float t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
       acc.merge(1.f, act_forward<ACT>(t), 0.f);
     }
   }
@@ -91,7 +101,7 @@ __global__ void dw_stats_generic_kernel(Layout L, int k, const T* __restrict__ x
 }
 
 // Grid-stride over items: NCHW one element each; channels_last VEC consecutive channels of a pixel.
-// u = sc*x + sh on every tap and on the residual.
+// u = af(x) on every tap and on the residual.
 template <typename T, int ACT, bool CL, int VEC>
 __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in, const T* __restrict__ w,
                                 const T* __restrict__ b, const float* __restrict__ gamma,
@@ -114,11 +124,11 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
       n = item / (L.HW * L.C);
     }
     const int64_t h = pix / L.W, wc = pix % L.W;
-    float acc[VEC], sc[VEC], sh[VEC];
+    float acc[VEC];
+    ChannelAffine af[VEC];
     for (int v = 0; v < VEC; ++v) {
       acc[v] = to_acc(b[c0 + v]);
-      sc[v] = in.scale_of(c0 + v);
-      sh[v] = in.shift_of(c0 + v);
+      af[v] = in.of(c0 + v);
     }
     for (int i = 0; i < k; ++i) {
       const int64_t hh = h + i - pl;
@@ -128,7 +138,7 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
         if (ww < 0 || ww >= L.W) continue;
         const P xv = *reinterpret_cast<const P*>(x + elem_offset(L, n, c0, hh * L.W + ww));
         for (int v = 0; v < VEC; ++v)
-          acc[v] += to_acc(w[(c0 + v) * kk + i * k + j]) * (sc[v] * to_acc(xv.v[v]) + sh[v]);
+          acc[v] += to_acc(w[(c0 + v) * kk + i * k + j]) * af[v](to_acc(xv.v[v]));
       }
     }
     const int64_t off = elem_offset(L, n, c0, pix);
@@ -137,7 +147,7 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
     for (int v = 0; v < VEC; ++v) {
       const int64_t c = c0 + v;
       const float a = gamma[c] * rstd[c];
-      const float u = sc[v] * to_acc(xc.v[v]) + sh[v];
+      const float u = af[v](to_acc(xc.v[v]));
       out.v[v] = from_acc<T>(u + a * act_forward<ACT>(acc[v]) + (beta[c] - mean[c] * a));
     }
     *reinterpret_cast<P*>(y + off) = out;
@@ -155,10 +165,11 @@ __global__ void dw_backward_reduce_generic_kernel(Layout L, int k, const T* __re
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
   float s[2] = {0.f, 0.f};
   if (c < L.C) {
-    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c], sc = in.scale_of(c), sh = in.shift_of(c);
+    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    const ChannelAffine af = in.of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
-      const float t = conv_at(L, k, x, sc, sh, w, bc, n, c, pix / L.W, pix % L.W);
+      const float t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
       const float d = to_acc(dy[elem_offset(L, n, c, pix)]);
       s[0] += d;
       s[1] += d * ((act_forward<ACT>(t) - mu) * rs);
@@ -402,7 +413,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   float* ab = ts + npix * kTileC;  // kApply: A[kTileC], B[kTileC]
 
   stage_window(L, x + n * L.sN, c0, h0 - PL, w0 - PL, g.th + K - 1, XW, vec, us, kTilePix,
-               [&](int c, float v) { return in.scale_of(c) * v + in.shift_of(c); });
+               [&](int c, float v) { return in.of(c)(v); });
   if (MODE == kApply && tid < kTileC) {
     const int c = c0 + tid;
     const float a = c < C ? gamma[c] * rstd[c] : 0.f;
@@ -493,7 +504,7 @@ CMK_DEV void tile_dt_epilogue(float* dts, const float* dys, int DH, int DW, int 
 //   3. dw[i,j] = sum_tile dt[h,w] * u[h+i-pl, w+j-pl], db = sum_tile dt: thread (channel, tap row i,
 //      part) slides a register window over its rows; the parts are added in a fixed order;
 //   4. du = dy + sum_{i,j} w[i,j] * dt[h-i+pl, w-j+pl] (conv_rows with the kernel rotated by 180 degrees),
-//      dx = in_scale*du; din_scale += du*x, din_shift += du.
+//      dx = in_scale*du; din_scale += du*(x - in_center), din_shift += du.
 // ws[tile][c][K*K + 3] = (dw taps, db, din_scale, din_shift) partials; sum_splits_kernel adds the tiles.
 // Dynamic shared memory (fp32): u [DH+K-1][DWR+K-1][kTilePix] (later du), dt [DH][DWR][kTilePix],
 // dy [DH][DW][kTileC], parts [P][kTileC][K*K+1] with DWR = DW rounded up to kRowOut, P = tile_grad_parts.
@@ -519,7 +530,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   float* parts = dys + DH * DW * kTileC;
 
   stage_window(L, x + n * L.sN, c0, h0 - PR - PL, w0 - PR - PL, UH, UW, vec, us, kTilePix,
-               [&](int c, float v) { return in.scale_of(c) * v + in.shift_of(c); });
+               [&](int c, float v) { return in.of(c)(v); });
   stage_window(L, dy + n * L.sN, c0, h0 - PR, w0 - PR, DH, DW, vec, dys, kTileC, [](int, float v) { return v; });
   __syncthreads();
 
@@ -585,7 +596,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   float in_sums[2] = {0.f, 0.f};
   if (c_ok) {
-    const float sc = in.scale_of(c);
+    const ChannelAffine af = in.of(c);
     T* dximg = dx + n * L.sN;
     const T* ximg = x + n * L.sN;
     for (int e = tid; e < g.th * g.tw * kTileC; e += nt) {
@@ -594,9 +605,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       float du = dus[e] + dys[((row + PR) * DW + col + PR) * kTileC + cl];
       const int off = c * static_cast<int>(L.sC) + (hh * W + ww) * static_cast<int>(L.sP);
       if (in.scale != nullptr) {
-        in_sums[0] += du * to_acc(ximg[off]);
+        in_sums[0] += du * (to_acc(ximg[off]) - af.ce);
         in_sums[1] += du;
-        du *= sc;
+        du *= af.sc;
       }
       dximg[off] = from_acc<T>(du);
     }
@@ -611,7 +622,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 // grid (channel groups of cpb, splits of tiles_per_split spatial tiles). Dynamic shared memory:
 // u region [(th+2(k-1)) x (tw+2(k-1)) x cpb] and dt region [(th+k-1) x (tw+k-1) x cpb], fp32.
 // Writes dx and ws[split][c][dw_grad_columns(k)] = partial (dw taps, db, din_scale, din_shift); the
-// last two are sum du*x and sum du with the input affine, 0 without.
+// last two are sum du*(x - center) and sum du with the input affine, 0 without.
 template <typename T, int ACT>
 __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
                                         const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
@@ -633,19 +644,19 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
   const int nitems = cpb * (kk + 1);
   float acc[kMaxGradItems];
   for (int it = 0; it < kMaxGradItems; ++it) acc[it] = 0.f;
-  // (sum du*x, sum du) of this thread's channel lane: element e of step 3 has lane e % cpb = tid % cpb,
+  // (sum du*(x - center), sum du) of this thread's channel lane: element e of step 3 has lane e % cpb = tid % cpb,
   // since blockDim.x is a multiple of 32 and cpb divides 32.
   float in_sums[2] = {0.f, 0.f};
 
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t n = tile / per_image, r = tile % per_image;
     const int64_t h0 = (r / tiles_w) * th, w0 = (r % tiles_w) * tw;
-    // 1. u region, u = sc*x + sh (zero outside the image and past C)
+    // 1. u region, u = in.of(c)(x) (zero outside the image and past C)
     for (int e = tid; e < xh * xw * cpb; e += nt) {
       const int cl = e % cpb, q = e / cpb;
       const int64_t hh = h0 - pr - pl + q / xw, ww = w0 - pr - pl + q % xw, c = c0 + cl;
       xs[e] = (hh >= 0 && hh < L.H && ww >= 0 && ww < L.W && c < L.C)
-                  ? in.scale_of(c) * to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]) + in.shift_of(c)
+                  ? in.of(c)(to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]))
                   : 0.f;
     }
     __syncthreads();
@@ -668,7 +679,7 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
       dts[e] = dt;
     }
     __syncthreads();
-    // 3. du = dy + sum_{i,j} w[i,j] * dt[h-i+pl, w-j+pl];  dx = sc*du;  din_scale += du*x, din_shift += du
+    // 3. du = dy + sum_{i,j} w[i,j] * dt[h-i+pl, w-j+pl];  dx = sc*du;  din_scale += du*(x - ce), din_shift += du
     for (int e = tid; e < th * tw * cpb; e += nt) {
       const int cl = e % cpb, q = e / cpb, row = q / tw, col = q % tw;
       const int64_t hh = h0 + row, ww = w0 + col, c = c0 + cl;
@@ -680,7 +691,7 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
           for (int j = 0; j < k; ++j)
             du += to_acc(wc[i * k + j]) * dts[((row + k - 1 - i) * dw + col + k - 1 - j) * cpb + cl];
         if (in.scale != nullptr) {
-          in_sums[0] += du * to_acc(x[off]);
+          in_sums[0] += du * (to_acc(x[off]) - in.center[c]);
           in_sums[1] += du;
           du *= in.scale[c];
         }
@@ -863,13 +874,13 @@ int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape
   return std::max<int64_t>({sp.splits * p.C * 3, tp.splits * p.C * dw_grad_columns(k), conv, bwd});
 }
 
-void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_scale,
-                             const float* in_shift, const void* w, const void* b, const float* gamma,
-                             const float* beta, float* mean, float* rstd, float* var, bool batch_stats, bool apply,
-                             float eps, void* y, float* ws, void* stream) {
+void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_center,
+                             const float* in_scale, const float* in_shift, const void* w, const void* b,
+                             const float* gamma, const float* beta, float* mean, float* rstd, float* var,
+                             bool batch_stats, bool apply, float eps, void* y, float* ws, void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
-  const InputAffine in{in_scale, in_shift};
+  const InputAffine in{in_center, in_scale, in_shift};
   dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
     constexpr int A = decltype(act)::value;
@@ -921,13 +932,13 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
 }
 
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
-                              const float* in_scale, const float* in_shift, const void* w, const void* b,
-                              const float* gamma, const float* mean, const float* rstd, bool batch_stats,
+                              const float* in_center, const float* in_scale, const float* in_shift, const void* w,
+                              const void* b, const float* gamma, const float* mean, const float* rstd, bool batch_stats,
                               bool sums_given, bool reduce_only, void* dx, float* sums, float* grads, float* ws,
                               void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
-  const InputAffine in{in_scale, in_shift};
+  const InputAffine in{in_center, in_scale, in_shift};
   dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
     constexpr int A = decltype(act)::value;

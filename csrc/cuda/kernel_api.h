@@ -52,21 +52,22 @@ int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape
 // Columns of the backward's per-channel gradients grads[C][.]: the k*k weight taps, db, din_scale, din_shift.
 constexpr int64_t dw_grad_columns(int64_t k) { return k * k + 3; }
 
-// y = u + gamma*(act(dwconv_k(u) + b) - mean)*rstd + beta with u = in_scale[c]*x + in_shift[c] (fp32,
-// C values each), or u = x when in_scale and in_shift are null. batch_stats: mean/rstd/var are outputs
+// y = u + gamma*(act(dwconv_k(u) + b) - mean)*rstd + beta with u = in_scale[c]*(x - in_center[c]) +
+// in_shift[c] (fp32, C values each), or u = x when the three are null. batch_stats: mean/rstd/var are outputs
 // (batch statistics, biased var); otherwise mean/rstd are inputs and var is unused. !apply: statistics
 // only (a synchronized BN's pass 1), y untouched.
-void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_scale,
-                             const float* in_shift, const void* w, const void* b, const float* gamma,
-                             const float* beta, float* mean, float* rstd, float* var, bool batch_stats, bool apply,
-                             float eps, void* y, float* ws, void* stream);
+void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_center,
+                             const float* in_scale, const float* in_shift, const void* w, const void* b,
+                             const float* gamma, const float* beta, float* mean, float* rstd, float* var,
+                             bool batch_stats, bool apply, float eps, void* y, float* ws, void* stream);
 
 // With du = dL/du = dy + conv_transpose(dt): dx = in_scale*du (du without an input affine; input dtype);
 // sums[C][2] = (sum dy, sum dy*ghat) = (dbeta, dgamma); grads[C][dw_grad_columns(k)] = (dw taps, db,
-// sum du*x, sum du) in fp32, the last two 0 without an input affine. Synchronized BN: sums_given, sums
+// sum du*(x - in_center), sum du) in fp32, the last two 0 without an input affine. Synchronized BN: sums_given, sums
 // holds the global means (mean dy, mean dy*ghat) and pass 1 is skipped; reduce_only stops after pass 1.
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
-                              const float* in_scale, const float* in_shift, const void* w, const void* b,
+                              const float* in_center, const float* in_scale, const float* in_shift, const void* w,
+                              const void* b,
                               const float* gamma, const float* mean, const float* rstd, bool batch_stats,
                               bool sums_given, bool reduce_only, void* dx, float* sums, float* grads, float* ws,
                               void* stream);

@@ -8,22 +8,23 @@
 #include <vector>
 
 #define CMK_DECLARE_CUDA_LAUNCHERS                                                                                   \
-  std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_scale,                        \
-                                           const at::Tensor& in_shift, const at::Tensor& weight,                      \
-                                           const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,   \
-                                           const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,          \
-                                           double eps, int64_t act);                                                  \
-  std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale,   \
-                                            const at::Tensor& in_shift, const at::Tensor& weight,                     \
-                                            const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& mean,  \
-                                            const at::Tensor& rstd, bool batch_stats, const at::Tensor& dy_means,    \
-                                            int64_t act);                                                             \
-  std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_scale,                    \
-                                               const at::Tensor& in_shift, const at::Tensor& weight,                  \
-                                               const at::Tensor& bias, int64_t act);                                  \
-  at::Tensor dw_block_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale,       \
-                                      const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,   \
-                                      const at::Tensor& mean, const at::Tensor& rstd, int64_t act);                   \
+  std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_center,                         \
+                                           const at::Tensor& in_scale, const at::Tensor& in_shift,                   \
+                                           const at::Tensor& weight, const at::Tensor& bias,                         \
+                                           const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,  \
+                                           const at::Tensor& rstd, bool batch_stats, double eps, int64_t act);       \
+  std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_center,  \
+                                            const at::Tensor& in_scale, const at::Tensor& in_shift,                  \
+                                            const at::Tensor& weight, const at::Tensor& bias,                        \
+                                            const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd, \
+                                            bool batch_stats, const at::Tensor& dy_means, int64_t act);              \
+  std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_center,                     \
+                                               const at::Tensor& in_scale, const at::Tensor& in_shift,               \
+                                               const at::Tensor& weight, const at::Tensor& bias, int64_t act);       \
+  at::Tensor dw_block_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_center,        \
+                                      const at::Tensor& in_scale, const at::Tensor& in_shift,                        \
+                                      const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,      \
+                                      const at::Tensor& rstd, int64_t act);                                          \
   std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,  \
                                               const at::Tensor& gamma, const at::Tensor& beta,                        \
                                               const at::Tensor& mean, const at::Tensor& rstd, bool batch_stats,       \
