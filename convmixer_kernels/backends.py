@@ -132,7 +132,10 @@ def available_backends() -> dict:
             out[name] = (True, "plain PyTorch layers (unfused), always available")
             continue
         b = _load(name)
-        out[name] = (b is not None, "built" if b is not None else _REASONS[name])
+        why = "built" if b is not None else _REASONS[name]
+        if name == "cpu" and b is not None:
+            why += "; GEMMs: " + importlib.import_module("convmixer_kernels._C").cpu_gemm_library()
+        out[name] = (b is not None, why)
     return out
 
 

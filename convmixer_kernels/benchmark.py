@@ -499,10 +499,19 @@ def measure_ceilings(device: str, dtypes: List[str], tiny: bool = False) -> dict
         out["copy_gbs"] = 2 * big.numel() * 4 / ms(lambda: big.clone()) / 1e6
         del big
         m, k, n = (512 if tiny else 16384), 256, 256
+    # The CPU's GEMM ceiling is oneDNN's matmul, the library its blocks use (torch.mm is MKL there,
+    # about 0.7x oneDNN's rate on this machine's ConvMixer shapes: benchmarks/RESULTS.md).
+    onednn = device == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
     for d in dict.fromkeys(list(dtypes) + ([] if device == "cuda" else ["fp32"])):
         a = torch.randn(m, k, device=device).to(DTYPES[d])
         b = torch.randn(k, n, device=device).to(DTYPES[d])
-        out["gemm_gflops"][d] = 2 * m * k * n / ms(lambda: torch.mm(a, b)) / 1e6
+        if onednn:
+            bt = b.t().contiguous()
+            out["gemm_gflops"][d] = 2 * m * k * n / ms(
+                lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")) / 1e6
+        else:
+            out["gemm_gflops"][d] = 2 * m * k * n / ms(lambda: torch.mm(a, b)) / 1e6
+    out["gemm_source"] = "oneDNN matmul (mkldnn::_linear_pointwise)" if onednn else "torch.mm"
     a = b = None
     if device == "cuda":
         try:
@@ -511,7 +520,13 @@ def measure_ceilings(device: str, dtypes: List[str], tiny: bool = False) -> dict
             out["fma_error"] = f"{type(e).__name__}: {e}"
         torch.cuda.empty_cache()
     else:
-        out["fma_gflops"], out["fma_source"] = out["gemm_gflops"]["fp32"], "fp32 GEMM (CPU: the same FMA units)"
+        try:
+            from . import _C
+            out["fma_gflops"] = statistics.median(_C.cpu_fma_peak_gflops(2_000_000 if tiny else 20_000_000)
+                                                  for _ in range(3))
+            out["fma_source"] = "fp32 FMA-chain loop over the torch threads (csrc/cpu/fma_peak.cpp)"
+        except (ImportError, AttributeError) as e:  # the extension is not built: the GEMM rate instead
+            out["fma_gflops"], out["fma_source"] = out["gemm_gflops"]["fp32"], f"fp32 GEMM ({e})"
     return out
 
 
@@ -1394,7 +1409,7 @@ def main(argv=None):
         f" tune={args.tune}{' (' + str(len(tuned)) + ' autotuners trimmed)' if tuned else ''}"
         f"{f' budget={args.budget_s:.0f}s' if args.budget_s else ''}")
     ceil = measure_ceilings(dev, st.dtypes, st.tiny)
-    log(f"[bench] ceilings: copy {ceil['copy_gbs']:.1f} GB/s (read + write); GEMM "
+    log(f"[bench] ceilings: copy {ceil['copy_gbs']:.1f} GB/s (read + write); GEMM ({ceil.get('gemm_source', '')}) "
         + ", ".join(f"{d} {_rate(g)}" for d, g in ceil["gemm_gflops"].items())
         + f"; fp32 FMA {_rate(ceil['fma_gflops'])} ({ceil.get('fma_source') or ceil.get('fma_error', '')})"
         + (" [--tiny: small shapes, not a measurement]" if st.tiny else ""))

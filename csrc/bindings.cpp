@@ -4,6 +4,8 @@
 
 #include "cpu/conv_act_bn.h"
 #include "cpu/dw_block.h"
+#include "cpu/fma_peak.h"
+#include "cpu/onednn_gemm.h"
 
 #include "cuda/launchers.h"
 
@@ -19,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dw_block_backward_reduce_cpu", &cmk::cpu::dw_block_backward_reduce, "depthwise block backward sums (CPU)");
   m.def("conv_act_bn_forward_cpu", &cmk::cpu::conv_act_bn_forward, "fused conv-act-BN forward (CPU)");
   m.def("conv_act_bn_backward_cpu", &cmk::cpu::conv_act_bn_backward, "fused conv-act-BN backward (CPU)");
+  m.def("cpu_gemm_library", &cmk::cpu::gemm_library, "the library the CPU backend's GEMMs run in, and why");
+  m.def("cpu_fma_peak_gflops", &cmk::cpu::fma_peak_gflops, "fp32 FMA peak of this machine over the torch threads",
+        pybind11::arg("iters") = 20000000);
   m.def("set_poison_outputs", [](bool on) { cmk::cpu::poison_outputs_flag() = on; },
         "test hook: NaN-fill every output the C++ launchers allocate");
   // The CUDA kernels compiled as host C++ against csrc/cuda_emu/cuda_emu.h, on CPU tensors (tests).

@@ -48,11 +48,13 @@ _DTYPES = {"cpu": (torch.float64, torch.bfloat16, torch.float16),
            "cuda": (torch.bfloat16, torch.float16)}
 
 
+# C = 70: whole 16-lane channel vectors and a partial one, over two of the CPU eval's 4-group work items.
 @pytest.mark.parametrize("backend,dtype", [(b, d) for b in KERNEL_BACKENDS for d in _DTYPES[b]])
 @pytest.mark.parametrize("training", (True, False))
-def test_pair_dtypes(backend, dtype, training):
+@pytest.mark.parametrize("C", (7, 70))
+def test_pair_dtypes(backend, dtype, training, C):
     x = make_x((3, 4, 5, 6), dtype, "channels_last").to(_require(backend))
-    p_pw, p_dw = make_block_params("pw", 7, cin=4, dtype=dtype), make_block_params("dw", 7, k=3, dtype=dtype)
+    p_pw, p_dw = make_block_params("pw", C, cin=4, dtype=dtype), make_block_params("dw", C, k=3, dtype=dtype)
     run_cross_layer(x, p_pw, p_dw, training, "gelu", steps=2, backend=backend)
 
 

@@ -1,12 +1,15 @@
 // Fused conv -> act -> BatchNorm on the CPU, for the 1x1 pointwise conv and the patch-embedding stem
 // (a conv with kernel p and stride p). Both are a GEMM plus a per-channel epilogue:
-//   T = Z @ W^T (ATen GEMM),  t = T + b,  g = act(t),  y = gamma * (g - mean) * rstd + beta
+//   T = Z @ W^T (GEMM),  t = T + b,  g = act(t),  y = gamma * (g - mean) * rstd + beta
 // where Z is the input as an (M x Cin*p*p) matrix of patches. The GEMM output is laid out like the
 // result: NCHW (N, Cout, L) when the input is NCHW, (M, Cout) when it is channels_last. The epilogue
 // sees it as a (P, C, Q) array: NCHW P = N, Q = L; channels_last P = M, Q = 1.
 //
+// The GEMMs in channels_last go through oneDNN (onednn_gemm.h), NCHW's batched ones through at::matmul.
 // Passes (each a single sweep over the GEMM output, vectorized along its contiguous axis):
 //   eval forward     : y = A*act(T + b) + B in place in the GEMM output (t written too when saved).
+//                      With the BN apply deferred (fp32, channels_last), g = act(Z W^T + b) is the GEMM
+//                      itself, bias and activation its oneDNN post-ops: no pass over its output at all.
 //   training forward : t = T + b in place with block-wise mean/M2 of act(t), merged with Chan's rule;
 //                      then y = A*act(t) + B.
 //   apply_bn = false : y = act(t) (the BN apply is folded into the next depthwise block's load); in
@@ -26,6 +29,7 @@
 #include "../common/block_math.h"
 #include "../common/patch_gemm.h"
 #include "conv_act_bn.h"
+#include "onednn_gemm.h"
 
 namespace cmk {
 namespace cpu {
@@ -353,6 +357,13 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
 }
 
 
+// T = conv(x, W) without bias in the output layout (patch_gemm.h's gemm_forward), channels_last's
+// single GEMM through oneDNN.
+at::Tensor gemm_forward_cpu(const PatchGemm& g, const at::Tensor& Z, const at::Tensor& W2) {
+  if (g.cl) return mm_nt(Z, W2).view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
+  return gemm_forward(g, Z, W2);
+}
+
 PCQ pcq_of(const PatchGemm& g) {
   return g.cl ? PCQ{g.N * g.Ho * g.Wo, g.Cout, 1} : PCQ{g.N, g.Cout, g.Ho * g.Wo};
 }
@@ -407,7 +418,12 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   // would otherwise change ReLU's derivative.
   const auto acc = acc_type_for(x.scalar_type());
   const at::Tensor W2 = weight.reshape({g.Cout, g.K}).to(acc);
-  at::Tensor T = gemm_forward(g, patches(g, x).to(acc), W2);
+  if (!batch_stats && !apply_bn && !save_t && g.cl && x.scalar_type() == at::kFloat && onednn_gemm_available()) {
+    const at::Tensor y = linear(patches(g, x), W2, bias, static_cast<int>(act));
+    return {y.view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}), at::empty({0}, x.options()),
+            at::empty({0}, acc_opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+  }
+  at::Tensor T = gemm_forward_cpu(g, patches(g, x).to(acc), W2);
   const bool same_type = acc == x.scalar_type();
   at::Tensor mean_d, rstd_d, var_d;
   if (batch_stats) {
@@ -497,7 +513,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_in, const at::Tensor& x, c
   if (!t.defined() || t.numel() == 0) {
     // Recompute t = Z W^T + b (cheap when K = Cin*p*p is small, as in the stem).
     const auto acc = acc_type_for(x.scalar_type());
-    t = gemm_forward(g, Z.to(acc), W2.to(acc)).add_(bias.to(acc).view({1, g.Cout, 1, 1})).to(x.scalar_type());
+    t = gemm_forward_cpu(g, Z.to(acc), W2.to(acc)).add_(bias.to(acc).view({1, g.Cout, 1, 1})).to(x.scalar_type());
   }
   t = t.contiguous(fmt);
   for (const auto& [name, v] : {std::make_pair("dmean", &dmean), std::make_pair("drstd", &drstd)})
@@ -540,7 +556,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_in, const at::Tensor& x, c
   if (g.cl) {
     const at::Tensor dTm = dT.permute({0, 2, 3, 1}).reshape({g.N * g.Ho * g.Wo, g.Cout});
     dW2 = at::mm(dTm.t(), Z);
-    if (need_dx) dZ = at::mm(dTm, W2);  // (M, K)
+    if (need_dx) dZ = mm_nt(dTm, W2.t());  // (M, K)
   } else {
     const at::Tensor dTm = dT.view({g.N, g.Cout, g.Ho * g.Wo});
     dW2 = at::zeros({g.Cout, g.K}, dT.options().dtype(at::toOpMathType(x.scalar_type())));

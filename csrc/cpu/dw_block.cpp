@@ -42,6 +42,11 @@ struct TileShape {
   static constexpr int WB = CL ? 8 : VL;
 };
 
+// Channel groups per eval work item in channels_last (see load_padded_groups): 4 x 64 bytes per pixel,
+// and the item's buffers (4 padded planes and 4 dense ones) stay well inside L2.
+constexpr int64_t kEvalGroups = 4;
+constexpr int64_t kMaxLoadGroups = kEvalGroups;
+
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Geometry shared by every plane of one call.
@@ -69,10 +74,7 @@ inline int64_t elem_offset(const PlaneGeom& g, int64_t n, int64_t c, int64_t p) 
   return CL ? (n * g.HW + p) * g.C + c : (n * g.C + c) * g.HW + p;
 }
 
-// Copy plane (n, group) of src into the zero-padded buffer with its top-left corner at (off, off).
-// The halo and the round-up margin are never written, so a buffer zeroed once per thread stays valid.
-// With an input affine (per-lane center/scale/shift, see InputAffine) the buffer holds u = aff.apply(x):
-// the previous block's BN apply happens here, on in-bounds elements only (zero padding is of u).
+// The previous block's BN apply, done on the load (see load_padded).
 template <typename acc_t>
 struct InputAffine {
   const acc_t* center = nullptr;  // per lane (group_lanes); scale nullptr: u = x
@@ -83,31 +85,82 @@ struct InputAffine {
   acc_t apply(int lane, acc_t x) const { return scale[lane] * (x - center[lane]) + shift[lane]; }
 };
 
+// Groups [group0, group0 + ng) of image n into ng padded buffers, buf + j * buf_stride for group
+// group0 + j, through the groups' input affines (aff[j]; null: none). In channels_last one pixel's
+// ng*CB channels are contiguous, so they are copied together: a single group alone reads one 64-byte
+// line per pixel, C elements apart, a stride near the page size that the hardware prefetchers do not
+// follow. Each line was then a demand miss, and the copy half of the eval block's time
+// (benchmarks/RESULTS.md, the depthwise block against the FMA peak).
+template <typename scalar_t, typename acc_t, bool CL>
+void load_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group0, int64_t ng, int64_t off,
+                        acc_t* buf, int64_t buf_stride, const InputAffine<acc_t>* aff) {
+  constexpr int CB = TileShape<acc_t, CL>::CB;
+  TORCH_INTERNAL_ASSERT(ng <= kMaxLoadGroups);
+  const int64_t c0 = group0 * CB;
+  if constexpr (!CL) {
+    for (int64_t j = 0; j < ng; ++j)
+      for (int64_t h = 0; h < g.H; ++h) {
+        acc_t* row = buf + j * buf_stride + (h + off) * g.buf_w + off;
+        const scalar_t* s = src + elem_offset<CL>(g, n, c0 + j, h * g.W);
+        if (aff && aff[j].scale)
+          for (int64_t w = 0; w < g.W; ++w) row[w] = aff[j].apply(0, static_cast<acc_t>(s[w]));
+        else
+          for (int64_t w = 0; w < g.W; ++w) row[w] = static_cast<acc_t>(s[w]);
+      }
+  } else {
+    // Whole vectors, so that few instructions per pixel keep many of its lines in flight (a scalar
+    // copy through the affine's pointers, which may alias the buffer, kept one or two).
+    using Vec = Simd<acc_t>;
+    using V = typename Vec::V;
+    const int64_t nc = std::min<int64_t>(ng * CB, g.C - c0);  // valid channels of the range
+    const int64_t full = nc / CB;                              // groups with all CB lanes valid
+    V ce[kMaxLoadGroups], sc[kMaxLoadGroups], sh[kMaxLoadGroups];
+    bool affine[kMaxLoadGroups];
+    for (int64_t j = 0; j < ng; ++j) {
+      affine[j] = aff && aff[j].scale;
+      if (affine[j]) {
+        ce[j] = Vec::load(aff[j].center);
+        sc[j] = Vec::load(aff[j].scale);
+        sh[j] = Vec::load(aff[j].shift);
+      }
+    }
+    for (int64_t h = 0; h < g.H; ++h) {
+      const scalar_t* s = src + elem_offset<CL>(g, n, c0, h * g.W);
+      for (int64_t w = 0; w < g.W; ++w) {
+        const scalar_t* px = s + w * g.C;
+        acc_t* d = buf + ((h + off) * g.buf_w + off + w) * CB;
+        for (int64_t j = 0; j < full; ++j) {
+          V v;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            v = Vec::load(px + j * CB);
+          } else {
+            acc_t tmp[CB];
+            for (int c = 0; c < CB; ++c) tmp[c] = static_cast<acc_t>(px[j * CB + c]);
+            v = Vec::load(tmp);
+          }
+          if (affine[j]) v = sc[j] * (v - ce[j]) + sh[j];
+          Vec::store(d + j * buf_stride, v);
+        }
+        if (full < ng) {  // the last group of a C that is not a multiple of CB; lanes past C stay zero
+          const int64_t j = full;
+          for (int64_t c = 0; c < nc - j * CB; ++c) {
+            const acc_t v = static_cast<acc_t>(px[j * CB + c]);
+            d[j * buf_stride + c] = affine[j] ? aff[j].apply(static_cast<int>(c), v) : v;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Copy plane (n, group) of src into the zero-padded buffer with its top-left corner at (off, off).
+// The halo and the round-up margin are never written, so a buffer zeroed once per thread stays valid.
+// With an input affine (per-lane center/scale/shift, see InputAffine) the buffer holds u = aff.apply(x):
+// the previous block's BN apply happens here, on in-bounds elements only (zero padding is of u).
 template <typename scalar_t, typename acc_t, bool CL>
 void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group, int64_t off, acc_t* buf,
                  InputAffine<acc_t> aff = {}) {
-  constexpr int CB = TileShape<acc_t, CL>::CB;
-  const int64_t c0 = group * CB;
-  const int64_t cb = std::min<int64_t>(CB, g.C - c0);
-  for (int64_t h = 0; h < g.H; ++h) {
-    acc_t* row = buf + ((h + off) * g.buf_w + off) * CB;
-    const scalar_t* s = src + elem_offset<CL>(g, n, c0, h * g.W);
-    if (CL) {
-      for (int64_t w = 0; w < g.W; ++w)
-        if (cb == CB) {
-          for (int c = 0; c < CB; ++c) row[w * CB + c] = static_cast<acc_t>(s[w * g.C + c]);
-        } else {
-          for (int64_t c = 0; c < cb; ++c) row[w * CB + c] = static_cast<acc_t>(s[w * g.C + c]);
-        }
-      if (aff.scale)
-        for (int64_t w = 0; w < g.W; ++w)
-          for (int c = 0; c < CB; ++c) row[w * CB + c] = aff.apply(c, row[w * CB + c]);
-    } else {
-      for (int64_t w = 0; w < g.W; ++w) row[w] = static_cast<acc_t>(s[w]);
-      if (aff.scale)
-        for (int64_t w = 0; w < g.W; ++w) row[w] = aff.apply(0, row[w]);
-    }
-  }
+  load_padded_groups<scalar_t, acc_t, CL>(g, src, n, group, 1, off, buf, 0, &aff);
 }
 
 // Per-group weights laid out [tap][lane], lanes beyond C zero. flip=true gives w[k-1-i][k-1-j],
@@ -193,21 +246,40 @@ void gather_plane(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gr
       for (int c = 0; c < CB; ++c) dst[p * CB + c] = aff.apply(c, dst[p * CB + c]);
 }
 
-// Plane (n, group) of a tensor <- dense plane (valid lanes only).
+// Planes (n, group0 + j) of a tensor <- dense planes src + j * src_stride, j < ng (valid lanes only);
+// in channels_last a pixel's ng*CB channels are written together (see load_padded_groups).
+template <typename scalar_t, typename acc_t, bool CL>
+void scatter_planes(const PlaneGeom& g, const acc_t* src, int64_t src_stride, int64_t n, int64_t group0, int64_t ng,
+                    scalar_t* dst) {
+  constexpr int CB = TileShape<acc_t, CL>::CB;
+  const int64_t c0 = group0 * CB;
+  if constexpr (!CL) {
+    for (int64_t j = 0; j < ng; ++j) {
+      scalar_t* d = dst + elem_offset<CL>(g, n, c0 + j, 0);
+      for (int64_t p = 0; p < g.HW; ++p) d[p] = static_cast<scalar_t>(src[j * src_stride + p]);
+    }
+  } else {
+    using Vec = Simd<acc_t>;
+    const int64_t nc = std::min<int64_t>(ng * CB, g.C - c0);
+    const int64_t full = nc / CB;
+    for (int64_t p = 0; p < g.HW; ++p) {
+      scalar_t* d = dst + elem_offset<CL>(g, n, c0, p);
+      for (int64_t j = 0; j < full; ++j) {
+        const auto v = Vec::load(src + j * src_stride + p * CB);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          Vec::store(d + j * CB, v);
+        } else {
+          for (int c = 0; c < CB; ++c) d[j * CB + c] = static_cast<scalar_t>(v[c]);
+        }
+      }
+      for (int64_t c = full * CB; c < nc; ++c) d[c] = static_cast<scalar_t>(src[full * src_stride + p * CB + c - full * CB]);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, bool CL>
 void scatter_plane(const PlaneGeom& g, const acc_t* src, int64_t n, int64_t group, scalar_t* dst) {
-  constexpr int CB = TileShape<acc_t, CL>::CB;
-  const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
-  scalar_t* d = dst + elem_offset<CL>(g, n, c0, 0);
-  if (!CL) {
-    for (int64_t p = 0; p < g.HW; ++p) d[p] = static_cast<scalar_t>(src[p]);
-  } else if (cb == CB) {
-    for (int64_t p = 0; p < g.HW; ++p)
-      for (int c = 0; c < CB; ++c) d[p * g.C + c] = static_cast<scalar_t>(src[p * CB + c]);
-  } else {
-    for (int64_t p = 0; p < g.HW; ++p)
-      for (int64_t c = 0; c < cb; ++c) d[p * g.C + c] = static_cast<scalar_t>(src[p * CB + c]);
-  }
+  scatter_planes<scalar_t, acc_t, CL>(g, src, 0, n, group, 1, dst);
 }
 
 // Dense plane -> interior of a zero-halo buffer at offset (off, off), through the input affine
@@ -526,66 +598,82 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
     };
 
     if (!batch_stats) {
-      // Eval: planes are independent; one pass over x (the residual comes from the padded copy).
-      at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
-        Scratch<acc_t, CL> s(g, false);
-        std::vector<acc_t> scale, shift, in_lanes[3];
-        InputAffine<acc_t> in_aff;
+      // Eval: planes are independent; one pass over x (the residual comes from the padded copy). In
+      // channels_last a work item is kEvalGroups channel groups of one image, loaded and stored together
+      // (load_padded_groups); each group's y goes to a dense plane first, then out with the others.
+      constexpr int64_t G = CL ? kEvalGroups : 1;
+      const int64_t blocks = (g.groups + G - 1) / G;
+      at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+        const int64_t pad_len = g.buf_h * g.buf_w * CB;
+        std::vector<acc_t> pads(G * pad_len, acc_t(0)), outs(CL ? G * len : 0), plane, aux;  // plane, aux: k > 9
+        std::vector<acc_t> scale[G], shift[G], in_lanes[G][3], wt[G], bv[G];
+        InputAffine<acc_t> in_aff[G];
         int64_t cur = -1;
-        std::vector<acc_t> wt, bv;
         for (int64_t idx = begin; idx < end; ++idx) {
-          const int64_t group = idx / g.N, n = idx % g.N;  // group-major: weights reused across n
-          if (group != cur) {
-            wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
-            bv = group_lanes<acc_t, CL>(g, bp, group);
-            affine(group, scale, shift);
-            in_aff = group_input_affine<acc_t, CL>(g, affp, group, in_lanes);
-            cur = group;
-          }
-          load_padded<scalar_t, acc_t, CL>(g, xp, n, group, g.pl, s.pad.data(), in_aff);
-          // y = x + scale*act(t) + shift straight from each register tile, x from the padded copy.
-          const acc_t* pad = s.pad.data();
-          const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
-          scalar_t* yplane = yp + elem_offset<CL>(g, n, c0, 0);
-          const acc_t* sc = scale.data();
-          const acc_t* sh = shift.data();
-          auto epilogue = [&](int64_t h0, int64_t w0, auto& acc) {
-            constexpr int NACC = sizeof(acc) / sizeof(acc[0]);
-            acc_t t[NACC][VL];
-            for (int a = 0; a < NACC; ++a) Simd<acc_t>::store(t[a], acc[a]);
-            if constexpr (CL) {
-              for (int w = 0; w < NACC && w0 + w < g.W; ++w) {
-                const acc_t* xr = pad + ((h0 + g.pl) * g.buf_w + w0 + w + g.pl) * CB;
-                scalar_t* yo = yplane + (h0 * g.W + w0 + w) * g.C;
-                if (cb == CB) {
-                  for (int c = 0; c < CB; ++c)
-                    yo[c] = static_cast<scalar_t>(xr[c] + sc[c] * act_forward<A>(t[w][c]) + sh[c]);
-                } else {
-                  for (int64_t c = 0; c < cb; ++c)
-                    yo[c] = static_cast<scalar_t>(xr[c] + sc[c] * act_forward<A>(t[w][c]) + sh[c]);
-                }
-              }
-            } else {
-              const int64_t nw = std::min<int64_t>(VL, g.W - w0);
-              const acc_t a0 = sc[0], b0 = sh[0];
-              for (int r = 0; r < NACC && h0 + r < g.H; ++r) {
-                const acc_t* xr = pad + (h0 + r + g.pl) * g.buf_w + w0 + g.pl;
-                scalar_t* yo = yplane + (h0 + r) * g.W + w0;
-                if (nw == VL) {
-                  for (int l = 0; l < VL; ++l) yo[l] = static_cast<scalar_t>(xr[l] + a0 * act_forward<A>(t[r][l]) + b0);
-                } else {
-                  for (int64_t l = 0; l < nw; ++l) yo[l] = static_cast<scalar_t>(xr[l] + a0 * act_forward<A>(t[r][l]) + b0);
-                }
-              }
+          const int64_t blk = idx / g.N, n = idx % g.N;  // block-major: weights reused across n
+          const int64_t group0 = blk * G, ng = std::min<int64_t>(G, g.groups - group0);
+          if (blk != cur) {
+            for (int64_t j = 0; j < ng; ++j) {
+              wt[j] = group_weights<scalar_t, acc_t, CL>(g, wp, group0 + j, false);
+              bv[j] = group_lanes<acc_t, CL>(g, bp, group0 + j);
+              affine(group0 + j, scale[j], shift[j]);
+              in_aff[j] = group_input_affine<acc_t, CL>(g, affp, group0 + j, in_lanes[j]);
             }
-          };
-          if (conv_tiles<acc_t, CL>(g, pad, wt.data(), bv.data(), epilogue)) continue;
-          // k > 9: plane by plane.
-          conv_plane_generic<acc_t, CL>(g, pad, wt.data(), bv.data(), s.plane.data());
-          for (int64_t e = 0; e < len; ++e) s.plane[e] = act_forward<A>(s.plane[e]);
-          padded_to_plane<acc_t, CL>(g, pad, g.pl, s.aux.data());
-          apply(s.aux.data(), s.plane.data(), scale.data(), shift.data());
-          scatter_plane<scalar_t, acc_t, CL>(g, s.aux.data(), n, group, yp);
+            cur = blk;
+          }
+          load_padded_groups<scalar_t, acc_t, CL>(g, xp, n, group0, ng, g.pl, pads.data(), pad_len, in_aff);
+          for (int64_t j = 0; j < ng; ++j) {
+            const int64_t group = group0 + j;
+            // y = x + scale*act(t) + shift straight from each register tile, x from the padded copy.
+            const acc_t* pad = pads.data() + j * pad_len;
+            const acc_t* sc = scale[j].data();
+            const acc_t* sh = shift[j].data();
+            acc_t* out = CL ? outs.data() + j * len : nullptr;
+            scalar_t* yplane = yp + elem_offset<CL>(g, n, group * CB, 0);
+            auto epilogue = [&](int64_t h0, int64_t w0, auto& acc) {
+              constexpr int NACC = sizeof(acc) / sizeof(acc[0]);
+              acc_t t[NACC][VL];
+              for (int a = 0; a < NACC; ++a) Simd<acc_t>::store(t[a], acc[a]);
+              if constexpr (CL) {
+                // Vectors (y, x and the affine are all acc_t: a scalar loop could not rule out aliasing).
+                // act over the whole tile as one flat loop, which vectorizes: per-pixel 16-lane loops
+                // were unrolled into scalar stores that the next vector load waited on (store forwarding).
+                using Vec = Simd<acc_t>;
+                const auto scv = Vec::load(sc), shv = Vec::load(sh);
+                acc_t* tt = &t[0][0];
+                for (int e = 0; e < NACC * VL; ++e) tt[e] = act_forward<A>(tt[e]);
+                for (int w = 0; w < NACC && w0 + w < g.W; ++w) {
+                  const auto xr = Vec::load(pad + ((h0 + g.pl) * g.buf_w + w0 + w + g.pl) * CB);
+                  Vec::store(out + (h0 * g.W + w0 + w) * CB, xr + scv * Vec::load(t[w]) + shv);
+                }
+              } else {
+                const int64_t nw = std::min<int64_t>(VL, g.W - w0);
+                const acc_t a0 = sc[0], b0 = sh[0];
+                for (int r = 0; r < NACC && h0 + r < g.H; ++r) {
+                  const acc_t* xr = pad + (h0 + r + g.pl) * g.buf_w + w0 + g.pl;
+                  scalar_t* yo = yplane + (h0 + r) * g.W + w0;
+                  if (nw == VL) {
+                    for (int l = 0; l < VL; ++l) yo[l] = static_cast<scalar_t>(xr[l] + a0 * act_forward<A>(t[r][l]) + b0);
+                  } else {
+                    for (int64_t l = 0; l < nw; ++l) yo[l] = static_cast<scalar_t>(xr[l] + a0 * act_forward<A>(t[r][l]) + b0);
+                  }
+                }
+              }
+            };
+            if (conv_tiles<acc_t, CL>(g, pad, wt[j].data(), bv[j].data(), epilogue)) continue;
+            // k > 9: plane by plane.
+            plane.resize(len);
+            aux.resize(len);
+            conv_plane_generic<acc_t, CL>(g, pad, wt[j].data(), bv[j].data(), plane.data());
+            for (int64_t e = 0; e < len; ++e) plane[e] = act_forward<A>(plane[e]);
+            padded_to_plane<acc_t, CL>(g, pad, g.pl, aux.data());
+            apply(aux.data(), plane.data(), sc, sh);
+            if constexpr (CL)
+              std::copy(aux.begin(), aux.end(), outs.begin() + j * len);
+            else
+              scatter_plane<scalar_t, acc_t, CL>(g, aux.data(), n, group, yp);
+          }
+          if constexpr (CL) scatter_planes<scalar_t, acc_t, CL>(g, outs.data(), len, n, group0, ng, yp);
         }
       });
       return;

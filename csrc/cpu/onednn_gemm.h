@@ -1,0 +1,39 @@
+// The CPU backend's fp32 GEMMs through oneDNN's matmul primitive, with the bias and activation as
+// post-ops where the caller asks for them.
+//
+// Why through an op: the torch wheel links oneDNN statically and hides its dnnl_* symbols, so dnnl.hpp
+// cannot be linked against. torch registers the primitive (bias + eltwise post-op, primitives cached
+// by oneDNN per shape) as mkldnn::_linear_pointwise for inductor; we call that op through the
+// dispatcher. Measured on this machine (2 threads, benchmarks/RESULTS.md): 1.5-1.8x the rate of at::mm
+// (MKL) for the forward's Z W^T at ConvMixer's shapes, 1.2-1.5x for dZ = dT W; at::mm stays for
+// dW = dT^T Z, whose transposed operand MKL reads in place (oneDNN's op would copy it).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace cmk {
+namespace cpu {
+
+// True when this torch build has oneDNN and the op above has a CPU kernel.
+bool onednn_gemm_available();
+
+// "oneDNN v3.x matmul (mkldnn::_linear_pointwise)" or why at::mm is used instead.
+std::string gemm_library();
+
+// Y = act(X W^T + bias) as a dense (M, N) fp32 tensor; X (M, K) and W (N, K) dense fp32. act: one of
+// cmk::Act, or -1 for none (then bias may be absent). Falls back to at::mm (+ bias) when oneDNN is not
+// available; act must then be -1.
+at::Tensor linear(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& bias, int act);
+
+// X W^T: the GEMMs of the blocks, through oneDNN when available and the operands are fp32.
+inline at::Tensor mm_nt(const at::Tensor& X, const at::Tensor& W) {
+  if (X.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat && onednn_gemm_available())
+    return linear(X.contiguous(), W.contiguous(), std::nullopt, -1);
+  return at::mm(X, W.t());
+}
+
+}  // namespace cpu
+}  // namespace cmk
