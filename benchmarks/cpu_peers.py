@@ -5,7 +5,10 @@ Peers: eager PyTorch (NCHW and channels_last), torch.compile with inductor freez
 all graph optimizations) and OpenVINO (CPU, LATENCY hint, f32 precision), the last two from an ONNX export
 of the unfused paper model. A peer whose package is missing is reported as skipped.
 
-    python benchmarks/cpu_peers.py [--threads 2] [--reps 5] [--models 256/8,768/32] [--no-compile]
+    python benchmarks/cpu_peers.py [--threads 2] [--reps 5] [--models 256/8,768/32] [--no-compile] [--bf16]
+
+--bf16 adds the fused model in bf16 (BN parameters fp32; the input cast to bf16 inside the timed call)
+against the same fp32 peers.
 """
 import argparse
 import copy
@@ -81,6 +84,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--models", default="256/8,768/32")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also the fused model in bf16")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     for key in a.models.split(","):
@@ -94,6 +98,13 @@ def main():
             runs = peers(paper, x, a.threads, not a.no_compile)
             runs["fused (convmixer_kernels)"] = lambda: fused(x)
             err = (fused(x) - ref).abs().max().item()
+            if a.bf16:
+                fused_bf16 = copy.deepcopy(fused).to(torch.bfloat16)
+                for m in fused_bf16.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.float()
+                runs["fused (convmixer_kernels) bf16"] = lambda: fused_bf16(x.bfloat16())
+                err_bf16 = (fused_bf16(x.bfloat16()).float() - ref).abs().max().item()
             calls = {n: f for n, f in runs.items() if callable(f)}
             for f in calls.values():
                 f()  # warm-up
@@ -107,7 +118,8 @@ def main():
         med = {n: statistics.median(v) for n, v in times.items()}
         best_peer = min(v for n, v in med.items() if not n.startswith("fused"))
         print(f"\nConvMixer-{key} k{k} p{p} {act}, batch {b}, {img} px, eval fp32, NCHW input, {a.threads} threads "
-              f"(fused max |logit - eager| = {err:.1e})")
+              f"(fused max |logit - eager| = {err:.1e}" + (f", bf16 {err_bf16:.1e}, |logit| <= "
+                                                            f"{ref.abs().max().item():.1e})" if a.bf16 else ")"))
         print(f"| runtime | ms | img/s | best peer / this |\n| --- | ---: | ---: | ---: |")
         for n, f in runs.items():
             if n in med:

@@ -1,9 +1,9 @@
-"""The fused depthwise block (eval, fp32, channels_last) against the machine's FMA peak (issue 12):
+"""The fused depthwise block (eval, fp32 and bf16, channels_last) against the machine's FMA peak (issue 12):
 the peak from csrc/cpu/fma_peak.cpp (independent vector FMA chains, no memory traffic) measured in the
 same process, and oneDNN's depthwise conv (eager nn.Conv2d, channels_last: conv alone, no act/BN/residual)
-as a comparison point. FLOPs count the conv's 2*k*k per output only.
+as a comparison point, in the same dtype (bf16: BN parameters fp32, the AMP convention). FLOPs count the conv's 2*k*k per output only.
 
-    python benchmarks/dw_vs_peak.py [--threads 2] [--reps 20]
+    python benchmarks/dw_vs_peak.py [--threads 2] [--reps 20] [--dtypes fp32,bf16] [--shapes 768,256]
 """
 import argparse
 import statistics
@@ -23,36 +23,45 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--shapes", default="768,256", help="comma list of 768, 256")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     peak = statistics.median(_C.cpu_fma_peak_gflops() for _ in range(5))
     print(f"fp32 FMA peak, {a.threads} threads: {peak:.1f} GFLOP/s (median of 5)")
     for name, (N, C, H, k, act) in SHAPES.items():
-        torch.manual_seed(0)
-        x = torch.randn(N, C, H, H).contiguous(memory_format=torch.channels_last)
-        w, b = torch.randn(C, 1, k, k) * 0.1, torch.randn(C)
-        ga, be, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
-        pend = PendingBN(x, torch.randn(C), torch.rand(C) + 0.5, torch.randn(C))
-        conv = torch.nn.Conv2d(C, C, k, groups=C, padding="same").eval()
-        fs = {"fused block": lambda: ck.dw_block(x, w, b, ga, be, rm, rv, None, False, act=act, backend="cpu"),
-              "fused block, pending BN input": lambda: ck.dw_block(pend, w, b, ga, be, rm, rv, None, False, act=act,
-                                                                   backend="cpu"),
-              "oneDNN depthwise conv alone": lambda: conv(x)}
-        times = {n: [] for n in fs}
-        with torch.no_grad():
-            for f in fs.values():
+        if name.split("/")[0] not in a.shapes.split(","):
+            continue
+        for dt_name in a.dtypes.split(","):
+            run_shape(name, N, C, H, k, act, {"fp32": torch.float32, "bf16": torch.bfloat16}[dt_name], a.reps, peak)
+
+
+def run_shape(name, N, C, H, k, act, dt, reps, peak):
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, H).contiguous(memory_format=torch.channels_last).to(dt)
+    w, b = (torch.randn(C, 1, k, k) * 0.1).to(dt), torch.randn(C).to(dt)
+    ga, be, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    pend = PendingBN(x, torch.randn(C), torch.rand(C) + 0.5, torch.randn(C))
+    conv = torch.nn.Conv2d(C, C, k, groups=C, padding="same").eval().to(dt).to(memory_format=torch.channels_last)
+    fs = {"fused block": lambda: ck.dw_block(x, w, b, ga, be, rm, rv, None, False, act=act, backend="cpu"),
+          "fused block, pending BN input": lambda: ck.dw_block(pend, w, b, ga, be, rm, rv, None, False, act=act,
+                                                               backend="cpu"),
+          "oneDNN depthwise conv alone": lambda: conv(x)}
+    times = {n: [] for n in fs}
+    with torch.no_grad():
+        for f in fs.values():
+            f()
+            f()
+        for _ in range(reps):
+            for n, f in fs.items():
+                t0 = time.perf_counter()
                 f()
-                f()
-            for _ in range(a.reps):
-                for n, f in fs.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[n].append(time.perf_counter() - t0)
-        flops = 2 * N * C * H * H * k * k
-        print(f"\n{name}, eval fp32\n| variant | ms | GFLOP/s | of peak |\n| --- | ---: | ---: | ---: |")
-        for n, v in times.items():
-            m = statistics.median(v)
-            print(f"| {n} | {m * 1e3:.2f} | {flops / m / 1e9:.1f} | {flops / m / 1e9 / peak:.0%} |")
+                times[n].append(time.perf_counter() - t0)
+    flops = 2 * N * C * H * H * k * k
+    print(f"\n{name}, eval {str(dt)[6:]}\n| variant | ms | GFLOP/s | of peak |\n| --- | ---: | ---: | ---: |")
+    for n, v in times.items():
+        m = statistics.median(v)
+        print(f"| {n} | {m * 1e3:.2f} | {flops / m / 1e9:.1f} | {flops / m / 1e9 / peak:.0%} |")
 
 
 if __name__ == "__main__":

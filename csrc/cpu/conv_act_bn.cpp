@@ -357,6 +357,18 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
 }
 
 
+// y[m, c] = scale[c] y[m, c] + shift[c] over a dense (M, C) tensor, in place, in fp32.
+template <typename scalar_t>
+void scale_shift_rows_(scalar_t* y, int64_t M, int64_t C, const float* scale, const float* shift) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      scalar_t* row = y + m * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<float>(row[c]) * scale[c] + shift[c]);
+    }
+  });
+}
+
 // T = conv(x, W) without bias in the output layout (patch_gemm.h's gemm_forward), channels_last's
 // single GEMM through oneDNN.
 at::Tensor gemm_forward_cpu(const PatchGemm& g, const at::Tensor& Z, const at::Tensor& W2) {
@@ -418,8 +430,24 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   // would otherwise change ReLU's derivative.
   const auto acc = acc_type_for(x.scalar_type());
   const at::Tensor W2 = weight.reshape({g.Cout, g.K}).to(acc);
-  if (!batch_stats && !apply_bn && !save_t && g.cl && x.scalar_type() == at::kFloat && onednn_gemm_available()) {
-    const at::Tensor y = linear(patches(g, x), W2, bias, static_cast<int>(act));
+  // Eval with the BN deferred: one oneDNN primitive, y = act(x W^T + b), in fp32, or in bf16 where the
+  // CPU has native bf16 dot products (fp32 accumulation, act on the fp32 sum, rounded once).
+  const bool one_primitive = x.scalar_type() == at::kFloat ? onednn_gemm_available()
+                             : x.scalar_type() == at::kBFloat16 ? onednn_bf16_native() : false;
+  if (!batch_stats && !save_t && g.cl && one_primitive) {
+    const at::Tensor y = linear(patches(g, x), weight.reshape({g.Cout, g.K}).contiguous(), bias.contiguous(),
+                                static_cast<int>(act));
+    if (apply_bn) {  // the BN follows act, so it cannot fold into the weights: one in-place pass
+      check_per_channel("conv_act_bn", "mean", mean, g.Cout, acc);
+      check_per_channel("conv_act_bn", "rstd", rstd, g.Cout, acc);
+      const at::Tensor scale_d = gamma.to(at::kDouble) * rstd.to(at::kDouble);
+      const at::Tensor shift = (beta.to(at::kDouble) - mean.to(at::kDouble) * scale_d).to(at::kFloat);
+      const at::Tensor scale = scale_d.to(at::kFloat);
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "conv_act_bn_eval_bn", [&] {
+        scale_shift_rows_(y.data_ptr<scalar_t>(), y.size(0), g.Cout, scale.const_data_ptr<float>(),
+                          shift.const_data_ptr<float>());
+      });
+    }
     return {y.view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}), at::empty({0}, x.options()),
             at::empty({0}, acc_opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }

@@ -130,14 +130,7 @@ void load_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n, int6
         const scalar_t* px = s + w * g.C;
         acc_t* d = buf + ((h + off) * g.buf_w + off + w) * CB;
         for (int64_t j = 0; j < full; ++j) {
-          V v;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            v = Vec::load(px + j * CB);
-          } else {
-            acc_t tmp[CB];
-            for (int c = 0; c < CB; ++c) tmp[c] = static_cast<acc_t>(px[j * CB + c]);
-            v = Vec::load(tmp);
-          }
+          V v = load_as<acc_t>(px + j * CB);
           if (affine[j]) v = sc[j] * (v - ce[j]) + sh[j];
           Vec::store(d + j * buf_stride, v);
         }
@@ -265,12 +258,7 @@ void scatter_planes(const PlaneGeom& g, const acc_t* src, int64_t src_stride, in
     for (int64_t p = 0; p < g.HW; ++p) {
       scalar_t* d = dst + elem_offset<CL>(g, n, c0, p);
       for (int64_t j = 0; j < full; ++j) {
-        const auto v = Vec::load(src + j * src_stride + p * CB);
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          Vec::store(d + j * CB, v);
-        } else {
-          for (int c = 0; c < CB; ++c) d[j * CB + c] = static_cast<scalar_t>(v[c]);
-        }
+        store_as<acc_t>(d + j * CB, Vec::load(src + j * src_stride + p * CB));
       }
       for (int64_t c = full * CB; c < nc; ++c) d[c] = static_cast<scalar_t>(src[full * src_stride + p * CB + c - full * CB]);
     }

@@ -2,6 +2,7 @@
 
 #include <ATen/Config.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/Utils.h>
 #include <oneapi/dnnl/dnnl_version.h>
 
 #include "../common/block_math.h"
@@ -44,7 +45,23 @@ const LinearOp& linear_op() {
 
 bool onednn_gemm_available() { return linear_op().op.has_value(); }
 
-std::string gemm_library() { return linear_op().why; }
+bool onednn_bf16_native() {
+  static const bool native = [] {
+    if (!onednn_gemm_available()) return false;
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto has = [&](const char* k) {
+      const auto it = caps.find(k);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return has("avx512_bf16") || has("amx_bf16");
+  }();
+  return native;
+}
+
+std::string gemm_library() {
+  return linear_op().why + (onednn_bf16_native() ? "; bf16 eval GEMMs in native bf16 (AVX512_BF16)"
+                                                 : "; bf16 GEMMs upcast to fp32");
+}
 
 at::Tensor linear(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& bias, int act) {
   TORCH_CHECK(X.dim() == 2 && W.dim() == 2 && X.size(1) == W.size(1) && X.is_contiguous() && W.is_contiguous(),

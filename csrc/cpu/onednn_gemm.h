@@ -20,10 +20,15 @@ namespace cpu {
 // True when this torch build has oneDNN and the op above has a CPU kernel.
 bool onednn_gemm_available();
 
+// True when, in addition, the CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16), so oneDNN's
+// bf16 matmul runs at about twice its fp32 rate rather than emulating bf16.
+bool onednn_bf16_native();
+
 // "oneDNN v3.x matmul (mkldnn::_linear_pointwise)" or why at::mm is used instead.
 std::string gemm_library();
 
-// Y = act(X W^T + bias) as a dense (M, N) fp32 tensor; X (M, K) and W (N, K) dense fp32. act: one of
+// Y = act(X W^T + bias) as a dense (M, N) tensor of X's dtype; X (M, K) and W (N, K) dense, both fp32, or
+// both bf16 (accumulated in fp32, bias and act applied in fp32, rounded once). act: one of
 // cmk::Act, or -1 for none (then bias may be absent). Falls back to at::mm (+ bias) when oneDNN is not
 // available; act must then be -1.
 at::Tensor linear(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& bias, int act);

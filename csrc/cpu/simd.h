@@ -2,7 +2,11 @@
 // target has them, pairs of AVX2 registers (or scalar code) elsewhere, from the same source.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace cmk {
 namespace cpu {
@@ -28,6 +32,52 @@ struct Simd {
     return s;
   }
 };
+
+// One vector of acc_t from Simd<acc_t>::N values of type S, and back. bf16 <-> fp32 on whole vectors:
+// a bf16 is the high half of an fp32, and the narrowing rounds to nearest even with NaN -> 0x7FC0,
+// bit for bit as c10::BFloat16(float) does (its scalar form does not vectorize). Other pairs convert
+// lane by lane.
+template <typename acc_t, typename S>
+inline typename Simd<acc_t>::V load_as(const S* p) {
+  using Vec = Simd<acc_t>;
+  if constexpr (std::is_same_v<S, acc_t>) {
+    return Vec::load(p);
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    typedef uint16_t H __attribute__((vector_size(32)));  // 16 lanes, as Simd<float>
+    typedef uint32_t U __attribute__((vector_size(64)));
+    H h;
+    std::memcpy(&h, p, sizeof(H));
+    const U u = __builtin_convertvector(h, U) << 16;
+    typename Vec::V v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  } else {
+    acc_t tmp[Vec::N];
+    for (int i = 0; i < Vec::N; ++i) tmp[i] = static_cast<acc_t>(p[i]);
+    return Vec::load(tmp);
+  }
+}
+
+template <typename acc_t, typename S>
+inline void store_as(S* p, typename Simd<acc_t>::V v) {
+  using Vec = Simd<acc_t>;
+  if constexpr (std::is_same_v<S, acc_t>) {
+    Vec::store(p, v);
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    typedef uint16_t H __attribute__((vector_size(32)));  // 16 lanes, as Simd<float>
+    typedef uint32_t U __attribute__((vector_size(64)));
+    U u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U nan = reinterpret_cast<U>(v != v);
+    const U r = ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16 & ~nan) | (nan & 0x7FC0u);
+    const H h = __builtin_convertvector(r, H);
+    std::memcpy(p, &h, sizeof(H));
+  } else {
+    acc_t tmp[Vec::N];
+    Vec::store(tmp, v);
+    for (int i = 0; i < Vec::N; ++i) p[i] = static_cast<S>(tmp[i]);
+  }
+}
 
 }  // namespace cpu
 }  // namespace cmk
