@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 
 #include <type_traits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/block_math.h"
@@ -357,6 +359,13 @@ void backward_pass(const PCQ& s, const scalar_t* dy, const scalar_t* t, const do
 }
 
 
+// The BN apply as y = scale*g + shift: scale = gamma*rstd, shift = beta - mean*scale (fp64, C values).
+std::pair<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
+                                                 const at::Tensor& mean_d, const at::Tensor& rstd_d) {
+  const at::Tensor scale = gamma.to(at::kDouble) * rstd_d;
+  return {scale, beta.to(at::kDouble) - mean_d * scale};
+}
+
 // y[m, c] = scale[c] y[m, c] + shift[c] over a dense (M, C) tensor, in place, in fp32.
 template <typename scalar_t>
 void scale_shift_rows_(scalar_t* y, int64_t M, int64_t C, const float* scale, const float* shift) {
@@ -429,9 +438,9 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   // rounded to the input dtype once, as PyTorch's conv does; a sign flip of a rounded bf16 T + b
   // would otherwise change ReLU's derivative.
   const auto acc = acc_type_for(x.scalar_type());
-  const at::Tensor W2 = weight.reshape({g.Cout, g.K}).to(acc);
-  // Eval with the BN deferred: one oneDNN primitive, y = act(x W^T + b), in fp32, or in bf16 where the
-  // CPU has native bf16 dot products (fp32 accumulation, act on the fp32 sum, rounded once).
+  // Eval: one oneDNN primitive, y = act(x W^T + b), in fp32, or in bf16 where the CPU has native bf16
+  // dot products (fp32 accumulation, act on the fp32 sum, rounded once); with the BN applied here
+  // rather than deferred, one in-place scale-and-shift pass follows.
   const bool one_primitive = x.scalar_type() == at::kFloat ? onednn_gemm_available()
                              : x.scalar_type() == at::kBFloat16 ? onednn_bf16_native() : false;
   if (!batch_stats && !save_t && g.cl && one_primitive) {
@@ -440,9 +449,8 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
     if (apply_bn) {  // the BN follows act, so it cannot fold into the weights: one in-place pass
       check_per_channel("conv_act_bn", "mean", mean, g.Cout, acc);
       check_per_channel("conv_act_bn", "rstd", rstd, g.Cout, acc);
-      const at::Tensor scale_d = gamma.to(at::kDouble) * rstd.to(at::kDouble);
-      const at::Tensor shift = (beta.to(at::kDouble) - mean.to(at::kDouble) * scale_d).to(at::kFloat);
-      const at::Tensor scale = scale_d.to(at::kFloat);
+      const auto [scale_d, shift_d] = bn_scale_shift(gamma, beta, mean.to(at::kDouble), rstd.to(at::kDouble));
+      const at::Tensor scale = scale_d.to(at::kFloat), shift = shift_d.to(at::kFloat);
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "conv_act_bn_eval_bn", [&] {
         scale_shift_rows_(y.data_ptr<scalar_t>(), y.size(0), g.Cout, scale.const_data_ptr<float>(),
                           shift.const_data_ptr<float>());
@@ -451,7 +459,7 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
     return {y.view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}), at::empty({0}, x.options()),
             at::empty({0}, acc_opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
-  at::Tensor T = gemm_forward_cpu(g, patches(g, x).to(acc), W2);
+  at::Tensor T = gemm_forward_cpu(g, patches(g, x).to(acc), weight.reshape({g.Cout, g.K}).to(acc));
   const bool same_type = acc == x.scalar_type();
   at::Tensor mean_d, rstd_d, var_d;
   if (batch_stats) {
@@ -497,9 +505,8 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
       }
       // Per-channel affine of the apply pass: A = gamma*rstd, B = beta - mean*A (fp64, C values);
       // A = 1, B = 0 (y = act(t)) when the next block applies the BN.
-      const at::Tensor Aff =
-          apply_bn ? gamma.to(at::kDouble) * rstd_d : at::ones({g.Cout}, acc_opts.dtype(at::kDouble));
-      const at::Tensor Bff = apply_bn ? beta.to(at::kDouble) - mean_d * Aff : at::zeros_like(Aff);
+      at::Tensor Aff = at::ones({g.Cout}, acc_opts.dtype(at::kDouble)), Bff = at::zeros_like(Aff);
+      if (apply_bn) std::tie(Aff, Bff) = bn_scale_shift(gamma, beta, mean_d, rstd_d);
       const scalar_t* b_apply = batch_stats ? nullptr : bias.const_data_ptr<scalar_t>();
       apply_pass<acc_t, scalar_t, cl, A>(s, T.const_data_ptr<acc_t>(), b_apply, t_out, Aff.const_data_ptr<double>(),
                                          Bff.const_data_ptr<double>(), y.data_ptr<scalar_t>());
