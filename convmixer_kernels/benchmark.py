@@ -11,11 +11,14 @@ ceilings measured in the same run.
 
 Profiles: the device picks the defaults; every one can be set by its option.
                  CPU (--device cpu)                  CUDA (--device cuda; --dry-run: the same on the CPU)
-  --cases        dw,pw,stem,layer,model              dw,pw,layer
+  --cases        dw,pw,stem,layer,model,model768     dw,pw,layer
   --shapes       cpu                                 1536/20,768/32
-  --dtypes       fp32                                bf16,fp16
+  --dtypes       fp32,bf16 (bf16: eval rows only,    bf16,fp16
+                 unless --dtypes or --modes is given)
   --modes        all four for dw/pw/stem,            eval,train
                  eval,train for the layer and models
+  --peers        torch_compile_freezing,onnxruntime, none (they are CPU runtimes)
+                 openvino, in the eval rows
   --timer        call, --reps 7, --warmup 2          do_bench, --reps 2 rounds, --warmup 1
   torch.compile  default mode, in process, every     default and max-autotune, each in a child process
                  case and mode                       (--subprocess-variants) under --compile-timeout-s, on
@@ -62,6 +65,12 @@ Modes
 Variants (interleaved)
   eager_nchw, eager_channels_last, torch_compile (mode default, NCHW input),
   torch_compile_max_autotune (mode "max-autotune", NCHW; --compile-modes),
+  the CPU peers (--peers; eval rows only; convmixer_kernels/cpu_peers.py): torch_compile_freezing
+  (inductor with freezing = True), onnxruntime (CPU EP, all graph optimizations) and openvino (CPU,
+  LATENCY hint), the last two from an ONNX export of the fp32 eager model, at the run's thread count;
+  in bf16 rows OpenVINO runs its bf16 precision hint and ONNX Runtime stays fp32 (CSV note); a missing
+  package makes the row "skipped: <package> not installed"; every peer's largest deviation from the
+  eager output is in its note, and one that differs by over 5% of max |y| is an error, not a time,
   fused_<backend> for each of --backends (default: every kernel backend built for the device: on the
   CPU "cpu", on CUDA "triton" and "cuda"), channels_last; --fused-layouts nchw,channels_last adds
   fused_<backend>_nchw. --variants keeps only the named ones. Triton on the CPU (its interpreter: very
@@ -92,8 +101,9 @@ Ceilings, measured once at start
   GEMM      per dtype; CPU: a 16384 x 256 x 256 product (the pointwise conv's shape); CUDA: 8192^3 on
             random data (do_bench).
   FMA       the fp32 rate the depthwise conv can run at (it cannot use tensor cores). CUDA: an fp32
-            FMA-chain Triton kernel (4 independent chains per thread: the CUDA-core rate); CPU: the fp32
-            GEMM rate (the GEMM runs on the same FMA units).
+            FMA-chain Triton kernel (4 independent chains per thread: the CUDA-core rate); CPU: an fp32
+            FMA-chain loop over the torch threads (csrc/cpu/fma_peak.cpp; the fp32 GEMM rate where the
+            extension is not built). The CPU's GEMM ceiling is oneDNN's matmul.
   --tiny uses small ceiling shapes (a code-path check, not a measurement).
   Roofline floor of a row = max(floor bytes / copy GB/s, FLOPs / GEMM GFLOP/s); frac_floor = floor /
   measured. floor_fma uses the FMA ceiling for the depthwise FLOPs instead (the rest stay at the GEMM
@@ -165,8 +175,9 @@ TINY_SHAPES = {"cpu": (2, 16, 8, 9, "gelu", 2), "1536/20": (2, 16, 8, 9, "gelu",
 # (op, shape, dtype, mode): measured first; the only rows with torch.compile under --compile-rows targets
 TARGET_ROWS = {("dw_block", "1536/20", "bf16", "eval"), ("mixer_layer", "1536/20", "bf16", "train")}
 PROFILES = {
-    "cpu": dict(keys=("dw", "pw", "stem", "layer", "model"), shapes=("cpu",), dtypes=("fp32",), modes=(),
-                reps=7, warmup=2, compile_modes=("default",), compile_rows="all", timer="call"),
+    "cpu": dict(keys=("dw", "pw", "stem", "layer", "model", "model768"), shapes=("cpu",), dtypes=("fp32", "bf16"),
+                modes=(), dtype_modes={"bf16": ("eval",)}, reps=7, warmup=2, compile_modes=("default",),
+                compile_rows="all", timer="call"),
     "cuda": dict(keys=("dw", "pw", "layer"), shapes=("1536/20", "768/32"), dtypes=("bf16", "fp16"),
                  modes=("eval", "train"), reps=2, warmup=1, compile_modes=("default", "max-autotune"),
                  compile_rows="targets", timer="do_bench"),
@@ -331,18 +342,23 @@ class Variant:
     compiled: bool = False
     dy_format: torch.memory_format = torch.contiguous_format
     error: Optional[str] = None
+    call: Optional[Callable[[], object]] = None  # a CPU peer (cpu_peers): one inference, eval rows only
+    note: str = ""
 
 
 def compile_variant_name(mode: str) -> str:
     return "torch_compile" if mode == "default" else "torch_compile_" + mode.replace("-", "_")
 
 
-def variant_specs(fused_backends: List[str], compile_modes: List[str], fused_layouts: List[str]) -> Dict[str, tuple]:
-    """The variants of a run in order: name -> (kind: eager/compile/fused, backend, layout, compile mode)."""
+def variant_specs(fused_backends: List[str], compile_modes: List[str], fused_layouts: List[str],
+                  peers: Optional[List[str]] = None) -> Dict[str, tuple]:
+    """The variants of a run in order: name -> (kind: eager/compile/peer/fused, backend, layout, compile mode)."""
     specs = {"eager_nchw": ("eager", "eager", "nchw", None),
              "eager_channels_last": ("eager", "eager", "channels_last", None)}
     for cm in compile_modes:
         specs[compile_variant_name(cm)] = ("compile", "inductor" if cm == "default" else f"inductor-{cm}", "nchw", cm)
+    for p in peers or []:
+        specs[p] = ("peer", p, "nchw", None)
     for b in fused_backends:
         for lay in fused_layouts:
             specs[f"fused_{b}" if lay == "channels_last" else f"fused_{b}_nchw"] = ("fused", b, lay, None)
@@ -359,6 +375,8 @@ def make_variant(name: str, spec: tuple, eager: nn.Module, x: torch.Tensor, comp
     """One variant of the eager module; a failure is recorded in .error (the run goes on)."""
     kind, backend, layout, cm = spec
     cl = torch.channels_last
+    if kind == "peer":
+        return make_peer_variant(name, eager, x, compile_backend, log)
     try:
         if kind == "eager":
             m, xv = (eager, x.clone()) if layout == "nchw" else (copy.deepcopy(eager).to(memory_format=cl),
@@ -386,9 +404,41 @@ def make_variant(name: str, spec: tuple, eager: nn.Module, x: torch.Tensor, comp
     return v
 
 
+def make_peer_variant(name: str, eager: nn.Module, x: torch.Tensor, compile_backend: str = "inductor",
+                      log=_log) -> Variant:
+    """A CPU runtime (cpu_peers.PEERS) built from the eager module; its note carries its largest deviation
+    from the eager output on the run's input (a peer is timed only if it computes the same function)."""
+    from . import cpu_peers
+    v = Variant(name, name, "nchw", None, x, compiled=name.startswith("torch_compile"))
+    try:
+        v.call = cpu_peers.build_peer(name, eager, x, torch.get_num_threads(), compile_backend)
+        with torch.no_grad():
+            eager.eval()
+            ref = eager(x).float()
+            y = cpu_peers.peer_output(v.call())
+            dev = (y - ref).abs().max().item() if y.shape == ref.shape else float("nan")
+        scale = ref.abs().max().item()
+        v.note = "; ".join(n for n in (cpu_peers.peer_note(name, x.dtype),
+                                       f"max |y - eager| {dev:.1e} (|y| <= {scale:.1e})") if n)
+        if not dev <= 0.05 * scale + 1e-3:  # NaN included: not the same function
+            v.error = f"error: output differs from eager: {v.note}"
+            log(f"    {name}: {v.error}")
+    except cpu_peers.PeerUnavailable as e:
+        v.error = f"skipped: {e}"
+        log(f"    {name}: {v.error}")
+    except Exception as e:  # noqa: BLE001  (reported in the CSV, the run goes on)
+        v.error = _err(e)
+        log(f"    {name}: {v.error}")
+    return v
+
+
 def _step(v: Variant, mode: str, dy: torch.Tensor, input_grad: bool, device: str):
     """(setup, fn, grads) for one variant and mode: setup runs untimed before every timed fn; grads is
     not None where setup only sets those tensors' .grad to None (do_bench's grad_to_none does the same)."""
+    if v.call is not None:
+        if mode != "eval":
+            raise ValueError(f"{v.name} is an inference runtime: eval rows only")
+        return None, v.call, None
     model, x = v.model, v.x
     model.train(mode != "eval")
     x.requires_grad_(mode != "eval" and input_grad)
@@ -651,7 +701,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> Optional[int]:
 class Settings:
     device: str
     keys: List[str]
-    modes: List[str]          # empty: each case's default modes
+    modes: List[str]          # empty: each case's default modes (for a dtype in dtype_modes: those of them)
     dtypes: List[str]
     reps: int
     model_reps: int
@@ -669,6 +719,14 @@ class Settings:
     subprocess_variants: List[str] = field(default_factory=list)
     compile_timeout_s: float = 150.0
     variants: List[str] = field(default_factory=list)   # empty: every variant
+    peers: List[str] = field(default_factory=list)      # CPU runtimes (cpu_peers.PEERS) in the eval rows
+    dtype_modes: Dict[str, tuple] = field(default_factory=dict)  # the profile's modes per dtype (no --modes)
+
+    def case_modes(self, case: "Case", dtype: str) -> List[str]:
+        if self.modes:
+            return list(self.modes)
+        modes = CASE_DEFAULT_MODES[case.kind]
+        return [m for m in modes if m in self.dtype_modes.get(dtype, modes)]
     tiny: bool = False
     deadline: Optional[float] = None                     # time.time() after which nothing new starts
     verbose: bool = False
@@ -695,7 +753,7 @@ def bench_mode(case: Case, mode: str, dtype_name: str, variants: List[Variant], 
     results: Dict[str, Result] = {}
     ready: Dict[str, tuple] = {}
     for v in variants:
-        res = _result(case, mode, dtype_name, v.name, ("", v.backend, v.layout), st, **counts)
+        res = _result(case, mode, dtype_name, v.name, ("", v.backend, v.layout), st, note=v.note, **counts)
         results[v.name] = res
         if v.error:
             res.status = v.error
@@ -799,13 +857,15 @@ def bench_case(case: Case, modes: List[str], dtype_name: str, st: Settings, fuse
                log=_log, only: Optional[List[str]] = None) -> List[Result]:
     """Every mode of one case and dtype; the in-process variants are built once and shared by the modes,
     the --subprocess-variants run per mode in a child process after them."""
-    specs = variant_specs(fused_backends, st.compile_modes, st.fused_layouts)
+    specs = variant_specs(fused_backends, st.compile_modes, st.fused_layouts, st.peers)
     if st.variants:
         specs = {n: s for n, s in specs.items() if n in st.variants}
     if only is not None:
         specs = {n: s for n, s in specs.items() if n in only}
 
     def wants(name, mode):
+        if specs[name][0] == "peer":  # inference runtimes: eval rows
+            return mode == "eval"
         if specs[name][0] != "compile":
             return True
         return st.compile_rows == "all" or (st.compile_rows == "targets" and
@@ -816,7 +876,7 @@ def bench_case(case: Case, modes: List[str], dtype_name: str, st: Settings, fuse
     if st.past_deadline():
         return [_result(case, m, dtype_name, n, specs[n], st, status="skipped: budget")
                 for m in modes for n in specs if wants(n, m)]
-    if any(specs[n][0] == "compile" for n in local):
+    if any(specs[n][0] == "compile" or n == "torch_compile_freezing" for n in local):
         from torch import _dynamo
         _dynamo.reset()  # a fresh compile cache per case: no recompile limit, no dynamic shapes
     dev, dtype = st.device, DTYPES[dtype_name]
@@ -1049,7 +1109,8 @@ def _plt():
 def _variant_colors(variants: List[str]) -> Dict[str, tuple]:
     import matplotlib
     fixed = {"eager_nchw": "0.55", "eager_channels_last": "0.75", "torch_compile": "#4c72b0",
-             "torch_compile_max_autotune": "#8172b3"}
+             "torch_compile_max_autotune": "#8172b3", "torch_compile_freezing": "#64b5cd",
+             "onnxruntime": "#937860", "openvino": "#da8bc3"}
     fused_cmap = matplotlib.colormaps["autumn"]
     fused = [v for v in variants if v not in fixed]
     out = {v: fixed[v] for v in variants if v in fixed}
@@ -1262,7 +1323,11 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rep-ms", type=float, default=100, help="--timer do_bench: ms per variant, split over the "
                                                               "rounds (default 100)")
     ap.add_argument("--warmup-ms", type=float, default=25, help="--timer do_bench: do_bench's warm-up per round")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (the "
+                                                              "torch_compile_freezing peer included)")
+    ap.add_argument("--peers", default="auto", help="CPU inference runtimes in the eval rows, comma list of "
+                    "torch_compile_freezing, onnxruntime, openvino, or 'auto' (CPU: all three; CUDA: none) or "
+                    "'none'")
     ap.add_argument("--compile-modes", default=None, help="torch.compile modes, comma list (default: 'default' "
                                                           "on the CPU, 'default,max-autotune' on CUDA)")
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
@@ -1327,6 +1392,18 @@ def settings(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Sett
         raise ValueError("--op-shape takes N,C,H,W")
     if args.act is not None and args.act not in ("gelu", "gelu_tanh", "relu"):
         raise ValueError(f"--act: unknown {args.act!r} (expected gelu, gelu_tanh, relu)")
+    from .cpu_peers import PEERS
+    if args.peers == "auto":
+        peers = list(PEERS) if prof_name == "cpu" else []
+    else:
+        peers = [] if args.peers == "none" else _csv_list(args.peers)
+        for p in peers:
+            if p not in PEERS:
+                raise ValueError(f"--peers: unknown {p!r} (expected {', '.join(PEERS)}, auto or none)")
+        if peers and dev != "cpu":
+            raise ValueError("--peers: the peers are CPU runtimes (use --device cpu)")
+    if not compile_modes:
+        peers = [p for p in peers if p != "torch_compile_freezing"]
     keys = _csv_list(args.cases) or list(prof["keys"])
     for k in keys:
         if k not in BLOCK_KEYS + MODEL_KEYS:
@@ -1346,6 +1423,7 @@ def settings(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Sett
                     warmup_ms=args.warmup_ms, compile_backend=args.compile_backend,
                     compile_rows=args.compile_rows or prof["compile_rows"], subprocess_variants=subprocess_variants,
                     compile_timeout_s=args.compile_timeout_s, variants=_csv_list(args.variants), tiny=tiny,
+                    peers=peers, dtype_modes={} if args.dtypes else dict(prof.get("dtype_modes", {})),
                     verbose=args.verbose, argv=list(argv or []))
 
 
@@ -1405,6 +1483,7 @@ def main(argv=None):
         f"profile={st.profile}{' (dry run)' if args.dry_run else ''} tiny={st.tiny} timer={st.timer} reps={st.reps} "
         f"(layer/model {st.model_reps}) warmup={st.warmup} dtypes={','.join(st.dtypes)} "
         f"backends={','.join(fused_backends) or 'none'} compile={','.join(st.compile_modes) or 'off'}"
+        f" peers={','.join(st.peers) or 'none'}"
         f"{' (child: ' + ','.join(st.subprocess_variants) + ')' if st.subprocess_variants and st.compile_modes else ''}"
         f" tune={args.tune}{' (' + str(len(tuned)) + ' autotuners trimmed)' if tuned else ''}"
         f"{f' budget={args.budget_s:.0f}s' if args.budget_s else ''}")
@@ -1415,11 +1494,11 @@ def main(argv=None):
         + (" [--tiny: small shapes, not a measurement]" if st.tiny else ""))
     units = [(case, d) for d in st.dtypes for case in st.cases]
     units.sort(key=lambda u: not any((u[0].op, u[0].shape, u[1], m) in TARGET_ROWS
-                                     for m in (st.modes or CASE_DEFAULT_MODES[u[0].kind])))  # targets first
+                                     for m in st.case_modes(u[0], u[1])))  # targets first
     results: List[Result] = []
     csv_path = os.path.join(args.out, f"bench_{dev}.csv")
     for case, d in units:
-        modes = st.modes or list(CASE_DEFAULT_MODES[case.kind])
+        modes = st.case_modes(case, d)
         log(f"[bench] === {case.name} [{d}]  (t={time.time() - t_start:.0f}s)")
         rs = bench_case(case, modes, d, st, fused_backends, log)
         add_floors(rs, ceil)

@@ -45,8 +45,8 @@ def _main_one_thread(argv):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = _main_one_thread(["--tiny", "--reps", "2", "--warmup", "1", "--no-compile", "--out", str(out),
-                           "--cases", "dw,pw,stem,layer,model,model768"])
+    rc = _main_one_thread(["--tiny", "--reps", "2", "--warmup", "1", "--no-compile", "--peers", "none", "--out",
+                           str(out), "--cases", "dw,pw,stem,layer,model,model768", "--dtypes", "fp32"])
     assert rc == 0
     return out
 
@@ -129,6 +129,54 @@ def test_compile_variants_dtypes_layouts(tmp_path):
     assert {r["layout"] for r in rows if r["variant"] == "fused_cpu_nchw"} == {"nchw"}
 
 
+def test_cpu_peers_in_eval_rows(tmp_path):
+    # the CPU runtimes as variants: eval rows only, each checked against the eager output (its note), bf16
+    # rows included; torch_compile_freezing through aot_eager (the code path, not inductor's speed)
+    pytest.importorskip("onnxruntime", reason="the onnxruntime peer (requirements.txt)")
+    pytest.importorskip("openvino", reason="the openvino peer (requirements.txt)")
+    pytest.importorskip("onnx", reason="the ONNX export (requirements.txt)")
+    rc = _main_one_thread(["--tiny", "--reps", "1", "--warmup", "1", "--out", str(tmp_path), "--cases", "dw,model",
+                           "--modes", "eval,train", "--dtypes", "fp32,bf16", "--compile-backend", "aot_eager",
+                           "--no-plots"])
+    assert rc == 0
+    rows = _rows(tmp_path / "bench_cpu.csv")
+    peers = [r for r in rows if r["variant"] in ("torch_compile_freezing", "onnxruntime", "openvino")]
+    assert {(r["op"], r["dtype"], r["variant"]) for r in peers} == {
+        (op, dt, p) for op in ("dw_block", "convmixer_256_8") for dt in ("fp32", "bf16")
+        for p in ("torch_compile_freezing", "onnxruntime", "openvino")}
+    for r in peers:
+        assert r["mode"] == "eval" and r["status"] == "ok" and float(r["median_ms"]) > 0, r
+        dev, scale = map(float, re.search(r"max \|y - eager\| (\S+) \(\|y\| <= (\S+)\)", r["note"]).groups())
+        assert dev <= (1e-5 if r["dtype"] == "fp32" else 0.05) * scale + 1e-6, r
+    assert {r["note"].split(";")[0] for r in peers if r["dtype"] == "bf16" and r["variant"] == "onnxruntime"} == {
+        "runs fp32 (its CPU provider has no bf16 convolutions)"}
+    # the summary's "best other" may name a peer; make_results puts them in the targets
+    text = _make_results().report(str(tmp_path / "bench_cpu.csv"))
+    assert "ConvMixer-256/8 eval bf16 >= 1.0x the fastest CPU runtime" in text
+
+
+def test_cpu_peer_missing_or_wrong_is_reported(monkeypatch):
+    import sys
+    from convmixer_kernels import cpu_peers
+    eager = benchmark.build_cases("cpu", tiny=True)["model"].build().eval()
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    v = benchmark.make_peer_variant("openvino", eager, x, log=lambda s: None)
+    assert v.error and v.error.startswith("skipped: openvino not installed")
+    # a runtime that computes something else is an error, not a time
+    wrong = eager(x).detach() + 1
+    monkeypatch.setattr(cpu_peers, "build_peer", lambda *a, **k: (lambda: wrong))
+    v = benchmark.make_peer_variant("onnxruntime", eager, x, log=lambda s: None)
+    assert v.error and v.error.startswith("error: output differs from eager"), v.error
+    ap = benchmark.make_parser()
+    with pytest.raises(ValueError, match="--peers: unknown"):
+        benchmark.settings(ap.parse_args(["--device", "cpu", "--peers", "tensorrt"]))
+    with pytest.raises(ValueError, match="CPU runtimes"):
+        benchmark.settings(ap.parse_args(["--device", "cuda", "--peers", "onnxruntime"]))
+    assert benchmark.settings(ap.parse_args(["--device", "cpu", "--no-compile"])).peers == ["onnxruntime", "openvino"]
+    assert benchmark.settings(ap.parse_args(["--device", "cuda"])).peers == []
+
+
 def test_counts():
     # dw block 2x4x5x5 k3: forward 2*9*200 FLOPs; backward dx + dw: twice that; all of it depthwise
     f, b, fe, be, dwf, dwb = benchmark._dw_counts(2, 4, 5, 5, 3)
@@ -181,8 +229,10 @@ def test_cuda_defaults_resolve_without_a_gpu():
     # the CPU profile
     cpu = benchmark.settings(ap.parse_args(["--device", "cpu"]))
     assert cpu.profile == "cpu" and cpu.timer == "call" and cpu.reps == 7 and cpu.subprocess_variants == []
-    assert cpu.dtypes == ["fp32"] and cpu.compile_modes == ["default"] and "model1536" not in cpu.keys
-    assert cpu.keys == ["dw", "pw", "stem", "layer", "model"] and cpu.modes == [] and cpu.compile_rows == "all"
+    assert cpu.dtypes == ["fp32", "bf16"] and cpu.compile_modes == ["default"] and "model1536" not in cpu.keys
+    assert cpu.keys == ["dw", "pw", "stem", "layer", "model", "model768"] and cpu.modes == []
+    assert cpu.compile_rows == "all" and cpu.peers == ["torch_compile_freezing", "onnxruntime", "openvino"]
+    assert cpu.case_modes(cpu.cases[0], "bf16") == ["eval"] and len(cpu.case_modes(cpu.cases[0], "fp32")) == 4
     c = _cases(cpu)
     assert c[("dw", "cpu")].input_shape == (32, 256, 16, 16) and c[("stem", "cpu")].input_shape == (32, 3, 32, 32)
     assert c[("model", "256/8")].input_shape == (64, 3, 32, 32)
