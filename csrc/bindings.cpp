@@ -24,6 +24,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_gemm_library", &cmk::cpu::gemm_library, "the library the CPU backend's GEMMs run in, and why");
   m.def("cpu_fma_peak_gflops", &cmk::cpu::fma_peak_gflops, "fp32 FMA peak of this machine over the torch threads",
         pybind11::arg("iters") = 20000000);
+  m.def("cpu_bf16_pair_dots_built", &cmk::cpu::bf16_pair_dots_built,
+        "whether this build has the AVX512_BF16 pair dots of the bf16 depthwise eval block");
+  m.def("cpu_bf16_pair_dots", [] { return cmk::cpu::bf16_pair_dots_built() && cmk::cpu::bf16_pair_dots_flag(); },
+        "whether bf16 channels_last depthwise eval runs AVX512_BF16 pair dots now (else fp32 FMAs)");
+  m.def("set_cpu_bf16_pair_dots", [](bool on) { cmk::cpu::bf16_pair_dots_flag() = on; },
+        "switch the bf16 pair dots of the depthwise eval block on or off (default off; tests, benchmarks)");
+  m.def("cpu_bf16_dot_peak_gflops", &cmk::cpu::bf16_dot_peak_gflops,
+        "bf16 pair-dot (AVX512_BF16) peak of this machine over the torch threads", pybind11::arg("iters") = 20000000);
   m.def("set_poison_outputs", [](bool on) { cmk::cpu::poison_outputs_flag() = on; },
         "test hook: NaN-fill every output the C++ launchers allocate");
   // The CUDA kernels compiled as host C++ against csrc/cuda_emu/cuda_emu.h, on CPU tensors (tests).

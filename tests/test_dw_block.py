@@ -114,3 +114,55 @@ def test_opcheck_backward(batch_stats, layout, affine):
     dy = torch.randn_like(x)
     torch.library.opcheck(op("dw_block_backward"),
                           (dy, x, ce, sc, sh, w, b, g, mean, rstd, batch_stats, torch.empty(0), "relu", "cpu"))
+
+
+# bf16 channels_last eval can run AVX512_BF16 pair dots where the build has them (csrc/cpu/dw_block.cpp,
+# conv_tiles_pairs_k; off by default, measured slower so far); off, it takes the fp32 FMAs. Both against float64,
+# k odd and even (a zero tap past an odd k), C with a partial 16-lane group, with and without the previous
+# block's pending BN (the input affine rounded to bf16 on the pair path).
+_pair_dots = pytest.mark.skipif(not __import__("convmixer_kernels")._C.cpu_bf16_pair_dots_built(),
+                                reason="this build's CPU target has no AVX512_BF16 dot products")
+
+
+@pytest.fixture
+def pair_dots_switch():
+    from convmixer_kernels import _C
+    before = _C.cpu_bf16_pair_dots()
+    yield _C.set_cpu_bf16_pair_dots
+    _C.set_cpu_bf16_pair_dots(before)
+
+
+@_pair_dots
+@pytest.mark.parametrize("pair_dots", (True, False))
+@pytest.mark.parametrize("k", (1, 2, 3, 7, 8, 9))
+@pytest.mark.parametrize("C", (16, 70))
+def test_bf16_eval_pair_dots(pair_dots_switch, pair_dots, k, C):
+    from numerics import run_cross_layer
+    pair_dots_switch(pair_dots)
+    x = make_x((2, C, 5, 11), torch.bfloat16, "channels_last")
+    run_block("dw", x, make_block_params("dw", C, k=k, dtype=torch.bfloat16), False, "gelu", steps=1)
+    x = make_x((2, 4, 6, 9), torch.bfloat16, "channels_last")
+    p_pw = make_block_params("pw", C, cin=4, dtype=torch.bfloat16)
+    run_cross_layer(x, p_pw, make_block_params("dw", C, k=k, dtype=torch.bfloat16), False, "gelu", steps=1)
+
+
+@_pair_dots
+def test_bf16_eval_pair_dots_switch_changes_the_path(pair_dots_switch):
+    """The switch reaches the kernel: with a pending BN input the pair path rounds u to bf16 and sums taps
+    in pairs, so its output differs from the fp32-FMA path's in some elements (both pass the rule above)."""
+    from convmixer_kernels import _C
+    from convmixer_kernels._library import PendingBN
+    torch.manual_seed(0)
+    C = 70
+    x = make_x((2, C, 9, 9), torch.bfloat16, "channels_last")
+    p = make_block_params("dw", C, k=7, dtype=torch.bfloat16)
+    pend = PendingBN(x, torch.randn(C), torch.rand(C) + 0.5, torch.randn(C))
+    ys = []
+    for on in (True, False):
+        pair_dots_switch(on)
+        assert _C.cpu_bf16_pair_dots() == on
+        ys.append(dw_block(pend, p["weight"], p["bias"], p["gamma"], p["beta"], p["running_mean"],
+                           p["running_var"], None, False, act="gelu", backend="cpu"))
+    assert ys[0].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(ys[0], ys[1])
+    torch.testing.assert_close(ys[0].float(), ys[1].float(), atol=0.1, rtol=0.05)

@@ -85,6 +85,26 @@ struct InputAffine {
   acc_t apply(int lane, acc_t x) const { return scale[lane] * (x - center[lane]) + shift[lane]; }
 };
 
+// The input affines of up to kMaxLoadGroups channel groups as vectors, for the channels_last loaders.
+template <typename acc_t>
+struct GroupAffineVectors {
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  V ce[kMaxLoadGroups] = {}, sc[kMaxLoadGroups] = {}, sh[kMaxLoadGroups] = {};
+  bool affine[kMaxLoadGroups] = {};  // false: group j has none
+  GroupAffineVectors(const InputAffine<acc_t>* aff, int64_t ng) {
+    for (int64_t j = 0; j < ng; ++j) {
+      affine[j] = aff && aff[j].scale;
+      if (affine[j]) {
+        ce[j] = Vec::load(aff[j].center);
+        sc[j] = Vec::load(aff[j].scale);
+        sh[j] = Vec::load(aff[j].shift);
+      }
+    }
+  }
+  V apply(int64_t j, V v) const { return sc[j] * (v - ce[j]) + sh[j]; }
+};
+
 // Groups [group0, group0 + ng) of image n into ng padded buffers, buf + j * buf_stride for group
 // group0 + j, through the groups' input affines (aff[j]; null: none). In channels_last one pixel's
 // ng*CB channels are contiguous, so they are copied together: a single group alone reads one 64-byte
@@ -114,16 +134,8 @@ void load_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n, int6
     using V = typename Vec::V;
     const int64_t nc = std::min<int64_t>(ng * CB, g.C - c0);  // valid channels of the range
     const int64_t full = nc / CB;                              // groups with all CB lanes valid
-    V ce[kMaxLoadGroups], sc[kMaxLoadGroups], sh[kMaxLoadGroups];
-    bool affine[kMaxLoadGroups];
-    for (int64_t j = 0; j < ng; ++j) {
-      affine[j] = aff && aff[j].scale;
-      if (affine[j]) {
-        ce[j] = Vec::load(aff[j].center);
-        sc[j] = Vec::load(aff[j].scale);
-        sh[j] = Vec::load(aff[j].shift);
-      }
-    }
+    const GroupAffineVectors<acc_t> av(aff, ng);
+    const bool* affine = av.affine;
     for (int64_t h = 0; h < g.H; ++h) {
       const scalar_t* s = src + elem_offset<CL>(g, n, c0, h * g.W);
       for (int64_t w = 0; w < g.W; ++w) {
@@ -131,7 +143,7 @@ void load_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n, int6
         acc_t* d = buf + ((h + off) * g.buf_w + off + w) * CB;
         for (int64_t j = 0; j < full; ++j) {
           V v = load_as<acc_t>(px + j * CB);
-          if (affine[j]) v = sc[j] * (v - ce[j]) + sh[j];
+          if (affine[j]) v = av.apply(j, v);
           Vec::store(d + j * buf_stride, v);
         }
         if (full < ng) {  // the last group of a C that is not a multiple of CB; lanes past C stay zero
@@ -310,26 +322,33 @@ void reduce_lanes(const acc_t* lanes, double* out) {
   }
 }
 
-// Sliding-window register tile: acc[a] += sum_{o<K} sum_{s<K} wgt(o, s) * in(o, a + s).
-// For a fixed o each input vector in(o, u) is loaded once and feeds every accumulator a = u - s,
-// so a K x K tap window costs (NACC + K - 1) + K loads per NACC * K FMAs instead of 2 * NACC * K.
-// K and NACC are compile-time so the (u, a) pairs fold into straight-line FMAs on registers.
-template <int K, int NACC, typename V, typename LoadIn, typename LoadW>
-inline void sliding_taps(V (&acc)[NACC], LoadIn in, LoadW wgt) {
-  for (int o = 0; o < K; ++o) {
-    V w[K];
+// Sliding-window register tile: acc[a] = mul_add(acc[a], wgt(o, s), in(o, a + STRIDE*s)) for o < ROWS,
+// s < TAPS. For a fixed o each input vector in(o, u) is loaded once and feeds every accumulator
+// a = u - STRIDE*s, so a row of taps costs (NACC + STRIDE*(TAPS-1)) + TAPS loads per NACC * TAPS
+// multiply-adds instead of 2 * NACC * TAPS. The sizes are compile-time so the (u, a) pairs fold into
+// straight-line code on registers. The fp32 conv: ROWS = TAPS = K, STRIDE 1, mul_add = a + w*v; the bf16
+// pair dots: TAPS = ceil(K/2) pairs 2 positions apart (conv_tiles_pairs_k).
+template <int ROWS, int TAPS, int NACC, int STRIDE, typename V, typename LoadIn, typename LoadW, typename MulAdd>
+inline void sliding_window(V (&acc)[NACC], LoadIn in, LoadW wgt, MulAdd mul_add) {
+  for (int o = 0; o < ROWS; ++o) {
+    decltype(wgt(0, 0)) w[TAPS];
 #pragma GCC unroll 16
-    for (int s = 0; s < K; ++s) w[s] = wgt(o, s);
+    for (int s = 0; s < TAPS; ++s) w[s] = wgt(o, s);
 #pragma GCC unroll 32
-    for (int u = 0; u < NACC + K - 1; ++u) {
-      const V v = in(o, u);
+    for (int u = 0; u < NACC + STRIDE * (TAPS - 1); ++u) {
+      const auto v = in(o, u);
 #pragma GCC unroll 16
       for (int a = 0; a < NACC; ++a) {
-        const int s = u - a;
-        if (s >= 0 && s < K) acc[a] += w[s] * v;
+        const int d = u - a;
+        if (d >= 0 && d % STRIDE == 0 && d / STRIDE < TAPS) acc[a] = mul_add(acc[a], w[d / STRIDE], v);
       }
     }
   }
+}
+
+template <int K, int NACC, typename V, typename LoadIn, typename LoadW>
+inline void sliding_taps(V (&acc)[NACC], LoadIn in, LoadW wgt) {
+  sliding_window<K, K, NACC, 1>(acc, in, wgt, [](V a, V w, V v) { return a + w * v; });
 }
 
 // out[h][w][c] = bias[c] + sum_{i,j} wt[i*k+j][c] * buf[h+i][w+j][c]   (cross-correlation)
@@ -455,6 +474,115 @@ template <typename acc_t, bool CL>
 void conv_plane(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, acc_t* out) {
   if (!conv_tiles<acc_t, CL>(g, buf, wt, bias, StorePlane<acc_t, CL>{g, out}))
     conv_plane_generic<acc_t, CL>(g, buf, wt, bias, out);
+}
+
+// bf16 eval in channels_last with pair dots (kHasBf16Dot): the padded plane holds bf16 pairs, position
+// (r, u) lane c = (u_in[r][u][c], u_in[r][u+1][c]), and the weights pairs (w[i][2p][c], w[i][2p+1][c])
+// (a zero tap past k), so one vdpbf16ps does taps 2p and 2p+1 of 16 channels:
+//   t[h][w][c] = b[c] + sum_i sum_p dot(wpair[i][p][c], pair[h+i][w+2p][c])
+// ceil(k/2) instead of k instructions per row of taps, with fp32 accumulation. Each pixel is stored twice
+// (in its own pair and its left neighbour's), so the buffer has the bytes of the fp32 one. The input
+// affine's u is rounded to bf16 once (the bf16 model's BN output is a bf16 tensor too); the residual is the
+// low half of the centre pair.
+
+template <typename scalar_t, typename acc_t, bool CL>
+constexpr bool pair_dots_possible() {
+  return CL && kHasBf16Dot && std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>;
+}
+
+// Pair dots for this call: possible for the types, switched on (set_cpu_bf16_pair_dots), k <= 9.
+template <typename scalar_t, typename acc_t, bool CL>
+bool use_pair_dots(const PlaneGeom& g) {
+  return pair_dots_possible<scalar_t, acc_t, CL>() && bf16_pair_dots_flag() && g.k <= 9;
+}
+
+// Groups [group0, group0 + ng) of image n into pair-padded buffers (as load_padded_groups, which this
+// mirrors: a pixel's ng groups are read together). Writes positions [off-1, off+W) of rows [off, off+H);
+// the rest stays zero.
+template <typename scalar_t>
+void load_pair_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group0, int64_t ng,
+                             int64_t off, Bf16Pairs* buf, int64_t buf_stride, const InputAffine<float>* aff) {
+  constexpr int CB = 16;
+  TORCH_INTERNAL_ASSERT(ng <= kMaxLoadGroups);
+  const int64_t c0 = group0 * CB;
+  const int64_t nc = std::min<int64_t>(ng * CB, g.C - c0);
+  const GroupAffineVectors<float> av(aff, ng);
+  const bool* affine = av.affine;
+  for (int64_t h = 0; h < g.H; ++h) {
+    const scalar_t* s = src + elem_offset<true>(g, n, c0, h * g.W);
+    Bf16Pairs* row = buf + (h + off) * g.buf_w + off;  // position off + w of the row
+    Bf16x16 prev[kMaxLoadGroups] = {};
+    for (int64_t w = 0; w <= g.W; ++w) {
+      for (int64_t j = 0; j < ng; ++j) {
+        Bf16x16 cur = {};
+        if (w < g.W) {
+          const scalar_t* px = s + w * g.C + j * CB;
+          const int64_t valid = std::min<int64_t>(CB, nc - j * CB);  // lanes past C stay zero
+          if (valid == CB && !affine[j]) {
+            std::memcpy(&cur, px, sizeof(cur));
+          } else if (valid == CB) {
+            cur = round_to_bf16(av.apply(j, load_as<float>(px)));
+          } else {
+            for (int64_t c = 0; c < valid; ++c) {
+              const float v = static_cast<float>(px[c]);
+              cur[c] = c10::BFloat16(affine[j] ? aff[j].apply(static_cast<int>(c), v) : v).x;
+            }
+          }
+        }
+        if (w > 0 || off > 0) row[j * buf_stride + w - 1] = make_bf16_pairs(prev[j], cur);
+        prev[j] = cur;
+      }
+    }
+  }
+}
+
+// Per-group pair weights [i][p][lane] (see above), lanes beyond C and the tap past an odd k zero.
+template <typename scalar_t>
+std::vector<Bf16Pairs> group_pair_weights(const PlaneGeom& g, const scalar_t* w, int64_t group) {
+  constexpr int CB = 16;
+  const int64_t k = g.k, np = (k + 1) / 2;
+  std::vector<Bf16Pairs> out(k * np, Bf16Pairs{});
+  for (int64_t c = 0; c < CB && group * CB + c < g.C; ++c)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        out[i * np + j / 2][c] |= static_cast<uint32_t>(w[(group * CB + c) * k * k + i * k + j].x) << (16 * (j % 2));
+  return out;
+}
+
+template <int K, typename Emit>
+void conv_tiles_pairs_k(const PlaneGeom& g, const Bf16Pairs* buf, const Bf16Pairs* wt, const float* bias, Emit&& emit) {
+  using Vec = Simd<float>;
+  using V = Vec::V;
+  constexpr int NP = (K + 1) / 2, WB = TileShape<float, true>::WB;
+  const V bv = Vec::load(bias);
+  for (int64_t h = 0; h < g.H; ++h) {
+    for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
+      V acc[WB];
+      for (int w = 0; w < WB; ++w) acc[w] = bv;
+      const Bf16Pairs* base = buf + h * g.buf_w + w0;
+      sliding_window<K, NP, WB, 2>(  // rows i, tap pairs p 2 positions apart
+          acc, [&](int i, int u) { return base[i * g.buf_w + u]; }, [&](int i, int p) { return wt[i * NP + p]; },
+          [](V a, Bf16Pairs w, Bf16Pairs v) { return dot_bf16_pairs(a, v, w); });
+      emit(h, w0, acc);
+    }
+  }
+}
+
+// conv_tiles with pair dots; k <= 9 only (see use_pair_dots).
+template <typename Emit>
+void conv_tiles_pairs(const PlaneGeom& g, const Bf16Pairs* buf, const Bf16Pairs* wt, const float* bias, Emit&& emit) {
+  switch (g.k) {
+    case 1: return conv_tiles_pairs_k<1>(g, buf, wt, bias, emit);
+    case 2: return conv_tiles_pairs_k<2>(g, buf, wt, bias, emit);
+    case 3: return conv_tiles_pairs_k<3>(g, buf, wt, bias, emit);
+    case 4: return conv_tiles_pairs_k<4>(g, buf, wt, bias, emit);
+    case 5: return conv_tiles_pairs_k<5>(g, buf, wt, bias, emit);
+    case 6: return conv_tiles_pairs_k<6>(g, buf, wt, bias, emit);
+    case 7: return conv_tiles_pairs_k<7>(g, buf, wt, bias, emit);
+    case 8: return conv_tiles_pairs_k<8>(g, buf, wt, bias, emit);
+    case 9: return conv_tiles_pairs_k<9>(g, buf, wt, bias, emit);
+    default: TORCH_INTERNAL_ASSERT(false, "conv_tiles_pairs: k = ", g.k);
+  }
 }
 
 // part[tap][c] += sum_{h,w} dt[h][w][c] * xpad[h+i][w+j][c]: the depthwise weight gradient of one
@@ -591,9 +719,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
       // (load_padded_groups); each group's y goes to a dense plane first, then out with the others.
       constexpr int64_t G = CL ? kEvalGroups : 1;
       const int64_t blocks = (g.groups + G - 1) / G;
+      const bool pairs = use_pair_dots<scalar_t, acc_t, CL>(g);  // bf16 pair dots instead of fp32 FMAs
       at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
-        const int64_t pad_len = g.buf_h * g.buf_w * CB;
-        std::vector<acc_t> pads(G * pad_len, acc_t(0)), outs(CL ? G * len : 0), plane, aux;  // plane, aux: k > 9
+        const int64_t pad_len = g.buf_h * g.buf_w * CB, pair_len = g.buf_h * g.buf_w;
+        std::vector<acc_t> pads(pairs ? 0 : G * pad_len, acc_t(0)), outs(CL ? G * len : 0), plane, aux;  // k > 9
+        std::vector<Bf16Pairs> pair_pads(pairs ? G * pair_len : 0, Bf16Pairs{}), pair_wt[G];
         std::vector<acc_t> scale[G], shift[G], in_lanes[G][3], wt[G], bv[G];
         InputAffine<acc_t> in_aff[G];
         int64_t cur = -1;
@@ -602,18 +732,33 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
           const int64_t group0 = blk * G, ng = std::min<int64_t>(G, g.groups - group0);
           if (blk != cur) {
             for (int64_t j = 0; j < ng; ++j) {
-              wt[j] = group_weights<scalar_t, acc_t, CL>(g, wp, group0 + j, false);
+              if constexpr (pair_dots_possible<scalar_t, acc_t, CL>()) {
+                if (pairs) pair_wt[j] = group_pair_weights(g, wp, group0 + j);
+              }
+              if (!pairs) wt[j] = group_weights<scalar_t, acc_t, CL>(g, wp, group0 + j, false);
               bv[j] = group_lanes<acc_t, CL>(g, bp, group0 + j);
               affine(group0 + j, scale[j], shift[j]);
               in_aff[j] = group_input_affine<acc_t, CL>(g, affp, group0 + j, in_lanes[j]);
             }
             cur = blk;
           }
-          load_padded_groups<scalar_t, acc_t, CL>(g, xp, n, group0, ng, g.pl, pads.data(), pad_len, in_aff);
+          if constexpr (pair_dots_possible<scalar_t, acc_t, CL>()) {
+            if (pairs)
+              load_pair_padded_groups(g, xp, n, group0, ng, g.pl, pair_pads.data(), pair_len, in_aff);
+          }
+          if (!pairs) load_padded_groups<scalar_t, acc_t, CL>(g, xp, n, group0, ng, g.pl, pads.data(), pad_len, in_aff);
           for (int64_t j = 0; j < ng; ++j) {
             const int64_t group = group0 + j;
             // y = x + scale*act(t) + shift straight from each register tile, x from the padded copy.
-            const acc_t* pad = pads.data() + j * pad_len;
+            const acc_t* pad = pairs ? nullptr : pads.data() + j * pad_len;
+            const Bf16Pairs* pair_pad = pairs ? pair_pads.data() + j * pair_len : nullptr;
+            // x at (h, w) as a vector of channels_last lanes (the low half of a pair: see load_pair_padded_groups).
+            auto residual = [&](int64_t h, int64_t w) {
+              if constexpr (pair_dots_possible<scalar_t, acc_t, CL>()) {
+                if (pairs) return low_bf16_as_float(pair_pad[(h + g.pl) * g.buf_w + w + g.pl]);
+              }
+              return Simd<acc_t>::load(pad + ((h + g.pl) * g.buf_w + w + g.pl) * CB);
+            };
             const acc_t* sc = scale[j].data();
             const acc_t* sh = shift[j].data();
             acc_t* out = CL ? outs.data() + j * len : nullptr;
@@ -631,7 +776,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
                 acc_t* tt = &t[0][0];
                 for (int e = 0; e < NACC * VL; ++e) tt[e] = act_forward<A>(tt[e]);
                 for (int w = 0; w < NACC && w0 + w < g.W; ++w) {
-                  const auto xr = Vec::load(pad + ((h0 + g.pl) * g.buf_w + w0 + w + g.pl) * CB);
+                  const auto xr = residual(h0, w0 + w);
                   Vec::store(out + (h0 * g.W + w0 + w) * CB, xr + scv * Vec::load(t[w]) + shv);
                 }
               } else {
@@ -648,6 +793,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
                 }
               }
             };
+            if constexpr (pair_dots_possible<scalar_t, acc_t, CL>()) {
+              if (pairs) {
+                conv_tiles_pairs(g, pair_pad, pair_wt[j].data(), bv[j].data(), epilogue);
+                continue;
+              }
+            }
             if (conv_tiles<acc_t, CL>(g, pad, wt[j].data(), bv[j].data(), epilogue)) continue;
             // k > 9: plane by plane.
             plane.resize(len);
@@ -960,6 +1111,8 @@ void check_dy_means(const at::Tensor& dy_means, bool batch_stats, int64_t C, at:
               dy_means.scalar_type(), " ", dy_means.sizes());
 }
 }  // namespace
+
+bool bf16_pair_dots_built() { return kHasBf16Dot; }
 
 std::vector<at::Tensor> dw_block_batch_stats(const at::Tensor& x, const at::Tensor& in_center,
                                              const at::Tensor& in_scale, const at::Tensor& in_shift,

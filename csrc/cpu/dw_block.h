@@ -46,6 +46,15 @@ inline void check_dw_inputs(const at::Tensor& x, const at::Tensor& in_center, co
   }
 }
 
+// bf16 channels_last eval through AVX512_BF16 pair dots (dw_block.cpp, conv_tiles_pairs_k): built where the
+// compile target has the instructions, off unless switched on. Off by default: on the Zen 4 it was written
+// for it measured slower than the fp32 FMAs (benchmarks/RESULTS.md), so it is kept for tuning, tested both ways.
+bool bf16_pair_dots_built();
+inline bool& bf16_pair_dots_flag() {
+  static bool on = false;
+  return on;
+}
+
 // Returns {y, mean, rstd, var}: the batch statistics (biased var), empty when batch_stats is false.
 // The block's input is u = in_scale*(x - in_center) + in_shift per channel, or x when all are empty.
 std::vector<at::Tensor> dw_block_forward(const at::Tensor& x, const at::Tensor& in_center, const at::Tensor& in_scale,

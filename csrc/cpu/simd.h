@@ -4,6 +4,10 @@
 
 #include <c10/util/BFloat16.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -58,25 +62,59 @@ inline typename Simd<acc_t>::V load_as(const S* p) {
   }
 }
 
+// 16 fp32 lanes rounded to bf16 bits (nearest even; NaN -> 0x7FC0, as c10::BFloat16(float)).
+typedef uint16_t Bf16x16 __attribute__((vector_size(32)));
+inline Bf16x16 round_to_bf16(Simd<float>::V v) {
+  typedef uint32_t U __attribute__((vector_size(64)));
+  U u;
+  std::memcpy(&u, &v, sizeof(u));
+  const U nan = reinterpret_cast<U>(v != v);
+  const U r = ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16 & ~nan) | (nan & 0x7FC0u);
+  return __builtin_convertvector(r, Bf16x16);
+}
+
 template <typename acc_t, typename S>
 inline void store_as(S* p, typename Simd<acc_t>::V v) {
   using Vec = Simd<acc_t>;
   if constexpr (std::is_same_v<S, acc_t>) {
     Vec::store(p, v);
   } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    typedef uint16_t H __attribute__((vector_size(32)));  // 16 lanes, as Simd<float>
-    typedef uint32_t U __attribute__((vector_size(64)));
-    U u;
-    std::memcpy(&u, &v, sizeof(u));
-    const U nan = reinterpret_cast<U>(v != v);
-    const U r = ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16 & ~nan) | (nan & 0x7FC0u);
-    const H h = __builtin_convertvector(r, H);
-    std::memcpy(p, &h, sizeof(H));
+    const Bf16x16 h = round_to_bf16(v);
+    std::memcpy(p, &h, sizeof(h));
   } else {
     acc_t tmp[Vec::N];
     Vec::store(tmp, v);
     for (int i = 0; i < Vec::N; ++i) p[i] = static_cast<S>(tmp[i]);
   }
+}
+
+// bf16 pairs: a 32-bit lane holds two bf16 values, the low half first (as in memory). dot_bf16_pairs
+// adds lo(a)*lo(b) + hi(a)*hi(b) to each fp32 lane of acc: one vdpbf16ps (products exact in fp32,
+// fp32 sums; denormal inputs and results flushed to zero), twice the values per instruction of an fp32
+// FMA. Only where the target has AVX512_BF16 (kHasBf16Dot); callers take fp32 FMAs elsewhere.
+typedef uint32_t Bf16Pairs __attribute__((vector_size(64)));
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+inline Simd<float>::V dot_bf16_pairs(Simd<float>::V acc, Bf16Pairs a, Bf16Pairs b) {
+  return reinterpret_cast<Simd<float>::V>(
+      _mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b)));
+}
+#else
+constexpr bool kHasBf16Dot = false;
+inline Simd<float>::V dot_bf16_pairs(Simd<float>::V acc, Bf16Pairs, Bf16Pairs) { return acc; }  // never called
+#endif
+
+// Two bf16 vectors of 16 lanes interleaved into pairs: lane l = (lo[l], hi[l]).
+inline Bf16Pairs make_bf16_pairs(Bf16x16 lo, Bf16x16 hi) {
+  return __builtin_convertvector(lo, Bf16Pairs) | (__builtin_convertvector(hi, Bf16Pairs) << 16);
+}
+
+// The low bf16 of every pair, as fp32.
+inline Simd<float>::V low_bf16_as_float(Bf16Pairs p) {
+  const Bf16Pairs u = p << 16;
+  Simd<float>::V v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
 }
 
 }  // namespace cpu
