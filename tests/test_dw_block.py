@@ -35,6 +35,22 @@ def test_odd_shapes(C, HW, layout):
     run_block("dw", make_x((1, C, HW, HW), torch.float32, layout), p, False, "gelu", steps=1)  # N=1 in eval
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("k", (9, 4))
+def test_channels_last_eval_work_split(dtype, k):
+    """The channels_last eval kernel (csrc/cpu/dw_block.cpp, eval_ring_k) splits a call into channel blocks
+    when a ring of k padded rows of every channel would not fit its L2 budget, and into row chunks when
+    there are fewer images than threads; W = 150 gives ten 16-pixel tiles, the last partial, and C = 150
+    two channel blocks (9 and 1 groups of 16 lanes, the last with 6 valid lanes). Checked plain and with
+    the previous block's BN applied on the load (the cross-layer pair)."""
+    from numerics import run_cross_layer
+    x = make_x((1, 150, 5, 150), dtype, "channels_last")
+    p = make_block_params("dw", 150, k=k, dtype=dtype)
+    run_block("dw", x, p, False, "relu", steps=1)
+    x_pw = make_x((1, 6, 5, 150), dtype, "channels_last")
+    run_cross_layer(x_pw, make_block_params("pw", 150, cin=6, dtype=dtype), p, False, "gelu", steps=1)
+
+
 @pytest.mark.parametrize("variant", ("momentum_none", "affine_off", "no_running_stats"))
 @pytest.mark.parametrize("training", (True, False))
 def test_batchnorm_variants(variant, training):
