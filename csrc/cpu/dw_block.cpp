@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <new>
 #include <cstring>
 #include <vector>
 
@@ -32,6 +33,28 @@
 namespace cmk {
 namespace cpu {
 namespace {
+
+// Scratch vectors 64-byte aligned: a pixel's 64-byte channel vector (channels_last) then never splits a
+// cache line; std::allocator gives 16 bytes, so every vector load of a padded plane used to be a split load.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using AVec = std::vector<T, Aligned64<T>>;
 
 // Tile shape per layout: NCHW vectorizes along w (8 rows x VL), channels_last along c (8 pixels x VL
 // channels): 8 independent accumulators cover the FMA latency, ~1.1 vector loads per FMA.
@@ -172,10 +195,10 @@ void load_padded(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t gro
 // Per-group weights laid out [tap][lane], lanes beyond C zero. flip=true gives w[k-1-i][k-1-j],
 // the kernel of the transposed conv used for dx.
 template <typename scalar_t, typename acc_t, bool CL>
-std::vector<acc_t> group_weights(const PlaneGeom& g, const scalar_t* w, int64_t group, bool flip) {
+AVec<acc_t> group_weights(const PlaneGeom& g, const scalar_t* w, int64_t group, bool flip) {
   constexpr int CB = TileShape<acc_t, CL>::CB;
   const int64_t kk = g.k * g.k;
-  std::vector<acc_t> out(kk * CB, acc_t(0));
+  AVec<acc_t> out(kk * CB, acc_t(0));
   for (int64_t c = 0; c < CB && group * CB + c < g.C; ++c)
     for (int64_t t = 0; t < kk; ++t)
       out[t * CB + c] = static_cast<acc_t>(w[(group * CB + c) * kk + (flip ? kk - 1 - t : t)]);
@@ -185,9 +208,9 @@ std::vector<acc_t> group_weights(const PlaneGeom& g, const scalar_t* w, int64_t 
 // Per-lane copy of a per-channel vector: in channels_last lane l is channel group*CB + l (zero beyond
 // C); in NCHW every lane holds the plane's channel, and lanes are pixel residues mod VL.
 template <typename acc_t, bool CL, typename T>
-std::vector<acc_t> group_lanes(const PlaneGeom& g, const T* v, int64_t group) {
+AVec<acc_t> group_lanes(const PlaneGeom& g, const T* v, int64_t group) {
   constexpr int CB = TileShape<acc_t, CL>::CB, VL = Simd<acc_t>::N;
-  std::vector<acc_t> out(VL, acc_t(0));
+  AVec<acc_t> out(VL, acc_t(0));
   for (int64_t l = 0; l < VL; ++l) {
     const int64_t c = CL ? group * CB + l : group;
     if (c < g.C) out[l] = static_cast<acc_t>(v[c]);
@@ -213,7 +236,7 @@ ChannelAffine<acc_t> channel_affine(const at::Tensor& center, const at::Tensor& 
 // none when the call has none.
 template <typename acc_t, bool CL>
 InputAffine<acc_t> group_input_affine(const PlaneGeom& g, const ChannelAffine<acc_t>& aff, int64_t group,
-                                      std::vector<acc_t> (&lanes)[3]) {
+                                      AVec<acc_t> (&lanes)[3]) {
   if (!aff.scale) return {};
   lanes[0] = group_lanes<acc_t, CL>(g, aff.center, group);
   lanes[1] = group_lanes<acc_t, CL>(g, aff.scale, group);
@@ -676,21 +699,6 @@ void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const
 constexpr int64_t kRingBufferBytes = int64_t(1) << 20;
 constexpr int kRingTile = 16;  // pixels per register tile
 
-// 64-byte aligned, zero-initialized scratch (std::vector's storage is only 16-byte aligned).
-template <typename T>
-struct AlignedBuffer {
-  T* p = nullptr;
-  explicit AlignedBuffer(int64_t n) {
-    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
-    p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "dw_block: out of memory for a ", bytes, "-byte scratch buffer");
-    std::memset(p, 0, bytes);
-  }
-  ~AlignedBuffer() { std::free(p); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
 // Work split of one call.
 struct RingGeom {
   int64_t GB, blocks;  // channel groups per item, channel blocks
@@ -716,8 +724,8 @@ RingGeom make_ring_geom(const PlaneGeom& g) {
 
 // Per-channel vectors of a call laid out per lane, groups * VL long, zero past C.
 template <typename acc_t, typename T>
-std::vector<acc_t> channel_lanes(const PlaneGeom& g, const T* v) {
-  std::vector<acc_t> out(g.groups * Simd<acc_t>::N, acc_t(0));
+AVec<acc_t> channel_lanes(const PlaneGeom& g, const T* v) {
+  AVec<acc_t> out(g.groups * Simd<acc_t>::N, acc_t(0));
   for (int64_t c = 0; c < g.C; ++c) out[c] = static_cast<acc_t>(v[c]);
   return out;
 }
@@ -731,17 +739,17 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
   constexpr int VL = Vec::N, WB = kRingTile;
   const int64_t G = g.groups, C = g.C, pl = g.pl, W = g.W, Wp = s.Wp;
   // Weights [group][tap][lane]; bias, BN scale/shift and the input affine per lane.
-  std::vector<acc_t> wt(G * K * K * VL, acc_t(0));
+  AVec<acc_t> wt(G * K * K * VL, acc_t(0));
   for (int64_t c = 0; c < C; ++c)
     for (int t = 0; t < K * K; ++t) wt[((c / VL) * K * K + t) * VL + c % VL] = static_cast<acc_t>(wp[c * K * K + t]);
-  const std::vector<acc_t> bias = channel_lanes<acc_t>(g, bp);
-  std::vector<acc_t> scale(G * VL, acc_t(0)), shift(G * VL, acc_t(0));
+  const AVec<acc_t> bias = channel_lanes<acc_t>(g, bp);
+  AVec<acc_t> scale(G * VL, acc_t(0)), shift(G * VL, acc_t(0));
   for (int64_t c = 0; c < C; ++c) {
     scale[c] = gammap[c] * rstdp[c];
     shift[c] = betap[c] - meanp[c] * scale[c];
   }
   const bool affine = affp.scale != nullptr;
-  std::vector<acc_t> in_ce, in_sc, in_sh;
+  AVec<acc_t> in_ce, in_sc, in_sh;
   if (affine) {
     in_ce = channel_lanes<acc_t>(g, affp.center);
     in_sc = channel_lanes<acc_t>(g, affp.scale);
@@ -753,7 +761,7 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
   constexpr int SLOTS = K + 1;
   const int64_t ring_plane = SLOTS * Wp * VL, slot_len = Wp * VL, out_plane = W * VL;
   at::parallel_for(0, g.N * s.blocks * s.chunks, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer<acc_t> ring(s.GB * ring_plane), out(2 * s.GB * out_plane);
+    AVec<acc_t> ring(s.GB * ring_plane, acc_t(0)), out(2 * s.GB * out_plane, acc_t(0));
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t chunk = idx % s.chunks, blk = idx / s.chunks % s.blocks, n = idx / (s.chunks * s.blocks);
       const int64_t g0 = blk * s.GB, ng = std::min(s.GB, G - g0), c0 = g0 * VL;
@@ -763,7 +771,7 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
       // Pixels [w_lo, w_hi) of input row h (any integer) into its ring slot: u, or zeros outside the
       // image. The slot's halo columns are never written, so they stay zero from the allocation.
       auto load_row = [&](int64_t h, int64_t w_lo, int64_t w_hi) {
-        acc_t* dst = ring.p + slot_of(h) * slot_len + (pl + w_lo) * VL;
+        acc_t* dst = ring.data() + slot_of(h) * slot_len + (pl + w_lo) * VL;
         if (h < 0 || h >= g.H) {
           for (int64_t j = 0; j < ng; ++j) std::memset(dst + j * ring_plane, 0, (w_hi - w_lo) * VL * sizeof(acc_t));
           return;
@@ -788,7 +796,7 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
       // Pixels [w_lo, w_hi) of output row h from its row buffer to y: each pixel's groups are one run.
       auto store_row = [&](int64_t h, int64_t w_lo, int64_t w_hi) {
         scalar_t* dst = yp + ((n * g.H + h) * W + w_lo) * C + c0;
-        const acc_t* src = out.p + (h & 1) * s.GB * out_plane + w_lo * VL;
+        const acc_t* src = out.data() + (h & 1) * s.GB * out_plane + w_lo * VL;
         for (int64_t w = w_lo; w < w_hi; ++w, dst += C, src += VL) {
           for (int64_t j = 0; j < full; ++j) store_as<acc_t>(dst + j * VL, Vec::load(src + j * out_plane));
           for (int64_t c = full * VL; c < nc; ++c) dst[c] = static_cast<scalar_t>(src[full * out_plane + c - full * VL]);
@@ -801,11 +809,11 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
           const int64_t l0 = (g0 + j) * VL;
           const acc_t* wj = wt.data() + (g0 + j) * K * K * VL;
           const V bv = Vec::load(&bias[l0]), scv = Vec::load(&scale[l0]), shv = Vec::load(&shift[l0]);
-          const acc_t* rj = ring.p + j * ring_plane;
+          const acc_t* rj = ring.data() + j * ring_plane;
           const acc_t* rows[K];  // input rows h - pl + i of this group
           for (int i = 0; i < K; ++i) rows[i] = rj + slot_of(h - pl + i) * slot_len;
           const acc_t* res = rows[pl] + pl * VL;  // u at (h, 0)
-          acc_t* o = out.p + ((h & 1) * s.GB + j) * out_plane;
+          acc_t* o = out.data() + ((h & 1) * s.GB + j) * out_plane;
           for (int64_t w0 = 0; w0 < W; w0 += WB) {
             V acc[WB];
             for (int a = 0; a < WB; ++a) acc[a] = bv;
@@ -860,7 +868,7 @@ bool eval_ring(const PlaneGeom& g, const scalar_t* xp, const scalar_t* wp, const
 // are never written afterwards).
 template <typename acc_t, bool CL>
 struct Scratch {
-  std::vector<acc_t> pad, plane, aux, batch;
+  AVec<acc_t> pad, plane, aux, batch;
   Scratch(const PlaneGeom& g, bool need_batch) {
     constexpr int CB = TileShape<acc_t, CL>::CB;
     const int64_t len = plane_len<acc_t, CL>(g);
@@ -894,7 +902,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
     // Per-lane BN affine: scale = gamma*rstd, shift = beta - mean*scale.
-    auto affine = [&](int64_t group, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+    auto affine = [&](int64_t group, AVec<acc_t>& scale, AVec<acc_t>& shift) {
       const auto ga = group_lanes<acc_t, CL>(g, gp, group), be = group_lanes<acc_t, CL>(g, betap, group);
       const auto mu = group_lanes<acc_t, CL>(g, meanp, group), rs = group_lanes<acc_t, CL>(g, rstdp, group);
       scale.resize(VL);
@@ -922,9 +930,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
       }
       at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
         const int64_t pad_len = g.buf_h * g.buf_w * CB, pair_len = g.buf_h * g.buf_w;
-        std::vector<acc_t> pads(pairs ? 0 : G * pad_len, acc_t(0)), outs(CL ? G * len : 0), plane, aux;  // k > 9
+        AVec<acc_t> pads(pairs ? 0 : G * pad_len, acc_t(0)), outs(CL ? G * len : 0), plane, aux;  // k > 9
         std::vector<Bf16Pairs> pair_pads(pairs ? G * pair_len : 0, Bf16Pairs{}), pair_wt[G];
-        std::vector<acc_t> scale[G], shift[G], in_lanes[G][3], wt[G], bv[G];
+        AVec<acc_t> scale[G], shift[G], in_lanes[G][3], wt[G], bv[G];
         InputAffine<acc_t> in_aff[G];
         int64_t cur = -1;
         for (int64_t idx = begin; idx < end; ++idx) {
@@ -1022,7 +1030,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
-      std::vector<acc_t> scale, shift, in_lanes[3];
+      AVec<acc_t> scale, shift, in_lanes[3];
       for (int64_t group = begin; group < end; ++group) {
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
         const auto bv = group_lanes<acc_t, CL>(g, bp, group);
@@ -1042,7 +1050,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
           reduce_lanes<acc_t, CL>(part, sum);
         }
         // Exact two-pass statistics over the cached g.
-        std::vector<acc_t> mu(VL);
+        AVec<acc_t> mu(VL);
         for (int l = 0; l < VL; ++l) mu[l] = static_cast<acc_t>(sum[CL ? l : 0] / static_cast<double>(M));
         for (int64_t n = 0; n < g.N; ++n) {
           const acc_t* gn = G + n * len;
@@ -1114,9 +1122,9 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     constexpr int A = decltype(ACT)::value;
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
-      std::vector<acc_t> dtpad(s.pad.size(), acc_t(0));
-      std::vector<acc_t> xraw(has_affine ? plane_len<acc_t, CL>(g) : 0, acc_t(0));  // x before the affine
-      std::vector<acc_t> zero(VL, acc_t(0));
+      AVec<acc_t> dtpad(s.pad.size(), acc_t(0));
+      AVec<acc_t> xraw(has_affine ? plane_len<acc_t, CL>(g) : 0, acc_t(0));  // x before the affine
+      AVec<acc_t> zero(VL, acc_t(0));
       for (int64_t group = begin; group < end; ++group) {
         const int64_t c0 = group * CB, cb = std::min<int64_t>(CB, g.C - c0);
         const auto wt = group_weights<scalar_t, acc_t, CL>(g, wp, group, false);
@@ -1125,7 +1133,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         const auto mu = group_lanes<acc_t, CL>(g, meanp, group);
         const auto rs = group_lanes<acc_t, CL>(g, rstdp, group);
         const auto ga = group_lanes<acc_t, CL>(g, gp, group);
-        std::vector<acc_t> in_lanes[3];
+        AVec<acc_t> in_lanes[3];
         const InputAffine<acc_t> in_aff = group_input_affine<acc_t, CL>(g, affp, group, in_lanes);
         acc_t* T = s.batch.data();
         acc_t* dyb = s.aux.data();
