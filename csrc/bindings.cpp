@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dw_block_backward_reduce_cpu", &cmk::cpu::dw_block_backward_reduce, "depthwise block backward sums (CPU)");
   m.def("conv_act_bn_forward_cpu", &cmk::cpu::conv_act_bn_forward, "fused conv-act-BN forward (CPU)");
   m.def("conv_act_bn_backward_cpu", &cmk::cpu::conv_act_bn_backward, "fused conv-act-BN backward (CPU)");
+  m.def("exact_training_max_count", [] { return cmk::cpu::kExactTrainingMaxCount; },
+        "batch statistics over at most this many values per channel run in float64 (every backend)");
   m.def("cpu_gemm_library", &cmk::cpu::gemm_library, "the library the CPU backend's GEMMs run in, and why");
   m.def("cpu_fma_peak_gflops", &cmk::cpu::fma_peak_gflops, "fp32 FMA peak of this machine over the torch threads",
         pybind11::arg("iters") = 20000000);

@@ -18,7 +18,7 @@ import torch
 import convmixer_kernels
 from convmixer_kernels import backends
 from convmixer_kernels._library import op
-from numerics import make_block_params, run_block, run_cross_layer
+from numerics import RECENTRING_CASES, make_block_params, recentring_case, run_block, run_cross_layer
 
 _available, _reason = backends.available_backends()["cuda_emu"]
 if not _available:
@@ -74,6 +74,14 @@ def test_dw_large_mean_statistics_are_stable():
     p = make_block_params("dw", 4, k=3)
     p["bias"] = torch.full((4,), 300.0)
     emu("dw", make_x((2, 4, 8, 8), torch.float32, "nchw") * 0.01, p, True, "relu")
+
+
+@pytest.mark.parametrize("kind,offset,scale,seed", RECENTRING_CASES)
+def test_training_backward_recentres_ghat(kind, offset, scale, seed):
+    """|mean| >> std above 512 values per channel: pass 1 measures sum ghat and launch_recentre_sums centres
+    ghat on the exact mean of g (tests/numerics.py RECENTRING_CASES)."""
+    x, p, patch = recentring_case(kind, offset, scale, seed)
+    emu(kind, x, p, True, "gelu", patch=patch)
 
 
 # --- pointwise conv and stem ------------------------------------------------------------------------

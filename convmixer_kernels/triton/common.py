@@ -154,6 +154,20 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def use_exact_training(dtype: torch.dtype, batch_stats: bool, count: int) -> bool:
+    """Whether a call's passes run in float64 and round once at the end: batch statistics over at most
+    _C.exact_training_max_count() values per channel. The CPU backend's rule, from the same constant
+    (csrc/cpu/cpu_common.h use_exact_training says why: with few values per channel BatchNorm's
+    training gradient is ill-conditioned, and fp32 rounding of t, g and act'(t) is most of it)."""
+    from .. import _C
+    return batch_stats and dtype != torch.float64 and count <= _C.exact_training_max_count()
+
+
+def f64(*tensors: torch.Tensor) -> list:
+    """The tensors in float64 (memory format kept), for the exact path."""
+    return [t.to(torch.float64) for t in tensors]
+
+
 def poisoning() -> bool:
     """Test hook: `convmixer_kernels.triton.POISON_OUTPUTS = True` NaN-fills every output a launcher
     allocates, so an element a kernel forgets to write fails the numerics tests."""

@@ -35,11 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, act_backward, act_forward, acc_dtype, check_activation, check_per_channel,
+from .common import (INTERPRET, act_backward, act_forward, acc_dtype, check_activation, check_per_channel, f64,
                      finalize_stats, is_channels_last, memory_format_of, new_output, num_programs_hint, sum_rows, tile_moments,
-                     tl_acc)
+                     tl_acc, use_exact_training)
 
 MODE_APPLY, MODE_STATS, MODE_T = 0, 1, 2
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16}
 
 if INTERPRET:
     _GEMM_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
@@ -205,12 +207,14 @@ def _cab_apply_kernel(t_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr, N, 
 
 @triton.autotune(configs=_EW_CONFIGS, key=_KEY + ["FORM_DT"])
 @triton.jit
-def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dmean_ptr, drstd_ptr,
-                            dT_ptr, part_ptr, N, Cin, Ho, Wo, Cout, P, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
+def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dhat_ptr, dmean_ptr,
+                            drstd_ptr, dT_ptr, part_ptr, N, Cin, Ho, Wo, Cout, P, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
                             FORM_DT: tl.constexpr, TRAINING: tl.constexpr, APPLY_BN: tl.constexpr,
-                            ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            ACT: tl.constexpr, ACC: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
     # Over this program's row tiles (grid: splits x channel blocks), with ghat = (act(t) - mean)*rstd:
-    #   part[0|1, s, co] = sum dy | sum dy*ghat          (unless FORM_DT and TRAINING: already reduced)
+    #   part[0|1|3, s, co] = sum dy | sum dy*ghat | sum ghat   (unless FORM_DT and TRAINING: already reduced)
+    #   FORM_DT, TRAINING and APPLY_BN: ghat - dhat, centred on the exact mean of g (conv_act_bn_backward).
     #   FORM_DT: dT[m, co] = a*(dy - c1 - ghat*c2)*act'(t), an (M x Cout) row-major matrix; part[2, s, co] = sum dT.
     #     APPLY_BN (dy = dL/dy):  a = gamma*rstd, c1 = dbeta/M, c2 = dgamma/M in training (0 in eval);
     #     otherwise (dy = dL/dg, y = g; the mean and rstd outputs have gradients dmean, drstd):
@@ -231,9 +235,11 @@ def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_
         a = tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(ACC) * rs
     else:
         a = tl.full([BLOCK_N], 1.0, ACC)
+    dhat = tl.zeros([BLOCK_N], dtype=ACC)
     if FORM_DT and TRAINING and APPLY_BN:
         c1 = tl.load(dbeta_ptr + co, mask=co_ok, other=0.0).to(ACC) / M
         c2 = tl.load(dgamma_ptr + co, mask=co_ok, other=0.0).to(ACC) / M
+        dhat = tl.load(dhat_ptr + co, mask=co_ok, other=0.0).to(ACC)
     elif FORM_DT and TRAINING:
         c1 = -tl.load(dmean_ptr + co, mask=co_ok, other=0.0).to(ACC) / M
         c2 = tl.load(drstd_ptr + co, mask=co_ok, other=0.0).to(ACC) * rs * rs / M
@@ -243,6 +249,7 @@ def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_
     sum_dy = tl.zeros([BLOCK_N], dtype=ACC)
     sum_dyg = tl.zeros([BLOCK_N], dtype=ACC)
     sum_dt = tl.zeros([BLOCK_N], dtype=ACC)
+    sum_ghat = tl.zeros([BLOCK_N], dtype=ACC)
     for tile in range(start, end):
         n, l, m_ok = _row_tile(tile, L, BLOCK_M)
         ok = m_ok[:, None] & co_ok[None, :]
@@ -253,10 +260,11 @@ def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_
                      other=0.0).to(ACC)
         g = act_forward(t, ACT)
         if not APPLY_BN:  # the deferred BN normalized the stored g (csrc/cpu/conv_act_bn.cpp g_as_stored)
-            g = g.to(dy_ptr.dtype.element_ty).to(ACC)
-        ghat = (g - mu[None, :]) * rs[None, :]
+            g = g.to(G_DTYPE).to(ACC)
+        ghat = (g - mu[None, :]) * rs[None, :] - dhat[None, :]
         sum_dy += tl.sum(dy, axis=0)
         sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
+        sum_ghat += tl.sum(tl.where(ok, ghat, 0.0), axis=0)
         if FORM_DT:
             dt = tl.where(ok, a[None, :] * (dy - c1[None, :] - ghat * c2[None, :]) * act_backward(t, ACT), 0.0)
             rows = n * L + l
@@ -267,6 +275,7 @@ def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_
     if not (FORM_DT and TRAINING):
         tl.store(part_ptr + offs, sum_dy, mask=co_ok)
         tl.store(part_ptr + plane + offs, sum_dyg, mask=co_ok)
+        tl.store(part_ptr + 3 * plane + offs, sum_ghat, mask=co_ok)
     if FORM_DT:
         tl.store(part_ptr + 2 * plane + offs, sum_dt, mask=co_ok)
 
@@ -375,6 +384,16 @@ def conv_act_bn_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: b
     (biased var) when batch_stats (else empty). y = act(t) when apply_bn is false."""
     _check("conv_act_bn_forward", x, weight, bias, gamma, beta, patch)
     N, Cin, H, W, Ho, Wo, Cout, Kd = _geom(x, weight, patch)
+    if use_exact_training(x.dtype, batch_stats, N * Ho * Wo):
+        o = conv_act_bn_forward(*f64(x, weight, bias, gamma, beta, mean, rstd), batch_stats, eps, act, patch, save_t,
+                                apply_bn)
+        y = o[0].to(x.dtype)
+        if not apply_bn:  # the moments of the stored g, which the next block normalizes (as the CPU backend)
+            g = y.double()
+            m = g.mean((0, 2, 3))
+            v = (g - m.view(1, -1, 1, 1)).square().mean((0, 2, 3))
+            return [y, o[1].to(x.dtype), m.to(gamma.dtype), (v + eps).rsqrt().to(gamma.dtype), v.to(gamma.dtype)]
+        return [y, o[1].to(x.dtype)] + [v.to(gamma.dtype) for v in o[2:]]
     acc = acc_dtype(x.dtype)
     w2 = weight.reshape(Cout, Kd).contiguous()
     y = new_output(_output_like(x, Cout, patch))
@@ -404,12 +423,19 @@ def conv_act_bn_forward(x, weight, bias, gamma, beta, mean, rstd, batch_stats: b
 
 
 def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd, batch_stats: bool, act: int,
-                         patch: int, apply_bn: bool, need_dx: bool):
+                         patch: int, apply_bn: bool, need_dx: bool, g_dtype: torch.dtype | None = None):
     """Returns [dx, dweight, dbias, dgamma, dbeta]; an empty t is recomputed from x (MODE_T GEMM).
     apply_bn false: dy is dL/d act(t), dmean/drstd (empty: zero) the gradients of the batch mean and
-    rstd; dgamma = dbeta = 0. need_dx false: dx is empty and dZ = dT W is not formed."""
+    rstd; dgamma = dbeta = 0. need_dx false: dx is empty and dZ = dT W is not formed. g_dtype: the dtype
+    the forward stored g in when it deferred the BN apply (default x's)."""
     _check("conv_act_bn_backward", x, weight, bias, gamma, gamma, patch)
     N, Cin, H, W, Ho, Wo, Cout, Kd = _geom(x, weight, patch)
+    if use_exact_training(x.dtype, batch_stats, N * Ho * Wo):
+        # t is recomputed in fp64 from x (a saved t is rounded to x's dtype)
+        o = conv_act_bn_backward(*f64(dy, x, weight, bias, gamma, mean, rstd), None, *f64(dmean, drstd), batch_stats,
+                                 act, patch, apply_bn, need_dx, g_dtype or x.dtype)
+        return [o[0].to(x.dtype), o[1].to(weight.dtype), o[2].to(bias.dtype), o[3].to(gamma.dtype),
+                o[4].to(gamma.dtype)]
     if tuple(dy.shape) != (N, Cout, Ho, Wo) or dy.dtype != x.dtype:
         raise RuntimeError(f"conv_act_bn_backward: grad_output {dy.dtype} {tuple(dy.shape)}, expected {x.dtype} "
                            f"({N}, {Cout}, {Ho}, {Wo})")
@@ -438,12 +464,16 @@ def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd
     dbeta = new_output(torch.empty_like(gamma))
     dT = new_output(torch.empty((N * Ho * Wo, Cout), dtype=x.dtype, device=x.device))
     S = max(1, min(N * triton.cdiv(Ho * Wo, 32), triton.cdiv(num_programs_hint(x.device), triton.cdiv(Cout, 64))))
-    parts = new_output(torch.empty((3, S, Cout), dtype=acc, device=x.device))  # sum dy, sum dy*ghat, sum dT
+    # sum dy, sum dy*ghat, sum dT, sum ghat
+    parts = new_output(torch.empty((4, S, Cout), dtype=acc, device=x.device))
+    dhat = torch.zeros(Cout, dtype=acc, device=x.device)
+    G_DTYPE = _TL_DTYPES[g_dtype or x.dtype]
 
     def dt_pass(form_dt):
         _cab_backward_dt_kernel[lambda m: (S, triton.cdiv(Cout, m["BLOCK_N"]))](
-            dy, t, gamma, mean, rstd, dbeta, dgamma, dmean, drstd, dT, parts, N, Cin, Ho, Wo, Cout, patch,
-            *dy.stride(), *t.stride(), FORM_DT=form_dt, TRAINING=batch_stats, APPLY_BN=apply_bn, ACT=act, ACC=ACC)
+            dy, t, gamma, mean, rstd, dbeta, dgamma, dhat, dmean, drstd, dT, parts, N, Cin, Ho, Wo, Cout, patch,
+            *dy.stride(), *t.stride(), FORM_DT=form_dt, TRAINING=batch_stats, APPLY_BN=apply_bn, ACT=act, ACC=ACC,
+            G_DTYPE=G_DTYPE)
 
     if not apply_bn:  # no reduction pass: the coefficients come from dmean/drstd; gamma and beta unused
         dt_pass(True)
@@ -453,6 +483,11 @@ def conv_act_bn_backward(dy, x, weight, bias, gamma, mean, rstd, t, dmean, drstd
         dt_pass(False)
         sum_rows(parts[0], dbeta)   # dbeta = sum dy
         sum_rows(parts[1], dgamma)  # dgamma = sum dy*ghat
+        # Centre ghat on the exact mean of g (the saved mean is rounded; see triton/dw_block.py
+        # dw_block_backward): dhat = mean(ghat), dgamma = sum dy*(ghat - dhat).
+        sum_rows(parts[3], dhat)
+        dhat.div_(N * Ho * Wo)
+        dgamma.sub_(dhat * dbeta)
         dt_pass(True)
     else:
         dt_pass(True)

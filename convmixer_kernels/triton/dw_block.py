@@ -35,7 +35,8 @@ Passes:
   eval forward     : _dw_forward_apply_kernel (conv + bias + act + BN affine + residual), one pass.
   training forward : _dw_forward_stats_kernel (per-program Chan/Welford partials of g = act(t)),
                      common._bn_stats_finalize_kernel (merge -> mean/var/rstd), then the apply kernel.
-  backward         : [training] _dw_backward_reduce_kernel (partial sum(dy), sum(dy*ghat), t recomputed)
+  backward         : [training] _dw_backward_reduce_kernel (partial sum(dy), sum(dy*ghat), sum(ghat), t
+                     recomputed)
                      -> sums; _dw_backward_dt_kernel (dt into an fp32 scratch, partial dw/db, and in eval
                      also the dy sums); _dw_backward_dx_kernel (du = dy + conv_transpose(dt); dx = du,
                      or in_scale*du with partial sums of du*(x - in_center) and du for the input affine's gradients);
@@ -44,6 +45,8 @@ Reductions run on a (splits x channel blocks) grid; each program loops over a co
 tiles, so partial buffers are [splits, C] regardless of the tile size (which autotuning may change).
 
 fp64 inputs are computed in fp64 (ACC = tl.float64); fp32/fp16/bf16 accumulate in fp32.
+Batch statistics over at most _C.exact_training_max_count() values per channel are computed in fp64
+too, rounded once at the end (common.use_exact_training: the CPU backend's rule).
 """
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, act_backward, act_forward, acc_dtype, check_activation, check_per_channel,
-                     finalize_stats, memory_format_of, new_output, num_programs_hint, sum_rows, tile_moments, tl_acc, welford_merge)
+from .common import (INTERPRET, act_backward, act_forward, acc_dtype, check_activation, check_per_channel, f64,
+                     finalize_stats, memory_format_of, new_output, num_programs_hint, sum_rows, tile_moments, tl_acc,
+                     use_exact_training, welford_merge)
 
 
 def _cfg(bh, bw, bc, warps):
@@ -271,13 +275,15 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_sh
                                rstd_ptr, part_ptr, N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
                                K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat  over this program's tiles
-    # (ghat = (act(t) - mean)*rstd, t = b + dwconv_k(u) recomputed)
+    # part[0, s, c] = sum dy,  part[1, s, c] = sum dy*ghat,  part[2, s, c] = sum ghat  over this program's
+    # tiles (ghat = (act(t) - mean)*rstd, t = b + dwconv_k(u) recomputed; sum ghat measures how far the
+    # saved, rounded mean is from the exact mean of g: see dw_block_backward)
     pid_s, splits, start, end = _split_tiles(N, H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ice, isc, ish = _input_affine(in_center_ptr, in_scale_ptr, in_shift_ptr, c, c < C, AFFINE, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dyg = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_ghat = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(start, end):
         n, h, w, c, p_ok, c_ok = _tile_coords(tile, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, tl.program_id(1))
         t, ghat = _ghat_tile(x_ptr + n * sxn, ice, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C,
@@ -286,22 +292,26 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_sh
         dy = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
         sum_dy += tl.sum(dy, axis=0)
         sum_dyg += tl.sum(tl.where(ok, dy * ghat, 0.0), axis=0)
+        sum_ghat += tl.sum(tl.where(ok, ghat, 0.0), axis=0)
     c_ok = c < C
+    plane = splits.to(tl.int64) * C
     offs = pid_s.to(tl.int64) * C + c
     tl.store(part_ptr + offs, sum_dy, mask=c_ok)
-    tl.store(part_ptr + splits.to(tl.int64) * C + offs, sum_dyg, mask=c_ok)
+    tl.store(part_ptr + plane + offs, sum_dyg, mask=c_ok)
+    tl.store(part_ptr + 2 * plane + offs, sum_ghat, mask=c_ok)
 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr,
-                           rstd_ptr, dbeta_ptr, dgamma_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H,
+                           rstd_ptr, dbeta_ptr, dgamma_ptr, dhat_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H,
                            W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
                            K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                            TRAINING: tl.constexpr, KK_PAD: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # dt = gamma*rstd*(dy - c1 - ghat*c2) * act'(t)   (training: c1 = dbeta/M = sum(dy)/M,
     #                                                  c2 = dgamma/M = sum(dy*ghat)/M; eval: c1 = c2 = 0)
+    # In training ghat = (act(t) - mean)*rstd - dhat, centred on the exact mean of g (dhat: see dw_block_backward).
     # dt is stored (fp32/fp64 scratch, x's layout) for the dx pass; per program partials:
     #   part_dw[s, i*k+j, c] = sum dt[n,c,h,w] * u[n,c,h+i-pl,w+j-pl],  part_db[s, c] = sum dt,
     #   eval only: part_dy[0|1, s, c] = sum dy | sum dy*ghat (dbeta, dgamma; training had its own pass).
@@ -316,9 +326,11 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_shift_
     if TRAINING:
         c1 = tl.load(dbeta_ptr + c, mask=c_ok, other=0.0).to(ACC) / M
         c2 = tl.load(dgamma_ptr + c, mask=c_ok, other=0.0).to(ACC) / M
+        dhat = tl.load(dhat_ptr + c, mask=c_ok, other=0.0).to(ACC)
     else:
         c1 = tl.zeros([BLOCK_C], dtype=ACC)
         c2 = tl.zeros([BLOCK_C], dtype=ACC)
+        dhat = tl.zeros([BLOCK_C], dtype=ACC)
     s64 = pid_s.to(tl.int64)
     dw_c = part_dw_ptr + s64 * (K * K) * C + c  # this program's [k*k, C] (tap-major) partial block
     taps = tl.arange(0, KK_PAD)
@@ -333,6 +345,7 @@ def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_shift_
         x_img = x_ptr + n * sxn
         t, ghat = _ghat_tile(x_img, ice, isc, ish, w_ptr, b_ptr, mean_ptr, rstd_ptr, h, w, c, p_ok, c_ok, C, H, W,
                              sxc, sxh, sxw, K, ACT, AFFINE, ACC, False)
+        ghat = ghat - dhat[None, :]
         ok = p_ok[:, None] & c_ok[None, :]
         dy = tl.load(dy_ptr + n * sdn + _offsets(h, w, c, sdc, sdh, sdw), mask=ok, other=0.0).to(ACC)
         dt = a[None, :] * (dy - c1[None, :] - ghat * c2[None, :]) * act_backward(t, ACT)
@@ -474,6 +487,10 @@ def dw_block_forward(x, in_center, in_scale, in_shift, weight, bias, gamma, beta
     The block's input is u = in_scale*(x - in_center) + in_shift per channel, or x when all are empty."""
     _check("dw_block_forward", x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd, batch_stats)
     N, C, H, W = x.shape
+    if use_exact_training(x.dtype, batch_stats, N * H * W):
+        o = dw_block_forward(*f64(x, in_center, in_scale, in_shift, weight, bias, gamma, beta, mean, rstd), batch_stats,
+                             eps, act)
+        return [o[0].to(x.dtype)] + [v.to(gamma.dtype) for v in o[1:]]
     K = weight.shape[2]
     weight = _tap_major(weight)
     affine = in_scale.numel() > 0
@@ -505,8 +522,9 @@ def dw_block_batch_stats(x, in_center, in_scale, in_shift, weight, bias, act: in
 
 
 def _backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy, dbeta,
-                     dgamma):
-    """Backward pass 1: dbeta = sum dy, dgamma = sum dy*ghat (per-program partials in part_dy)."""
+                     dgamma, sum_ghat=None):
+    """Backward pass 1: dbeta = sum dy, dgamma = sum dy*ghat, and sum ghat when asked (per-program partials
+    in part_dy, (3, S, C))."""
     N, C, H, W = x.shape
     S = part_dy.shape[1]
     _dw_backward_reduce_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
@@ -514,6 +532,8 @@ def _backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, r
         K=_k_of(weight), ACT=act, AFFINE=affine, ACC=tl_acc(x.dtype))
     sum_rows(part_dy[0], dbeta)
     sum_rows(part_dy[1], dgamma)
+    if sum_ghat is not None:
+        sum_rows(part_dy[2], sum_ghat)
 
 
 def _check_grad_output(op, dy, x):
@@ -532,7 +552,7 @@ def dw_block_backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias,
         in_center = in_scale = in_shift = mean
     C = x.shape[1]
     sums = new_output(torch.empty((2, C), dtype=mean.dtype, device=x.device))
-    part_dy = new_output(torch.empty((2, _splits(x, C), C), dtype=acc_dtype(x.dtype), device=x.device))
+    part_dy = new_output(torch.empty((3, _splits(x, C), C), dtype=acc_dtype(x.dtype), device=x.device))
     _backward_reduce(dy, x, in_center, in_scale, in_shift, _tap_major(weight), bias, mean, rstd, affine, act, part_dy,
                      sums[0], sums[1])
     return sums
@@ -547,6 +567,10 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
     _check("dw_block_backward", x, in_center, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
     dy = _check_grad_output("dw_block_backward", dy, x)
     N, C, H, W = x.shape
+    if dy_means.numel() == 0 and use_exact_training(x.dtype, batch_stats, N * H * W):
+        o = dw_block_backward(*f64(dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd), batch_stats,
+                              dy_means.double(), act)
+        return [o[0].to(x.dtype), o[1].to(weight.dtype), o[2].to(bias.dtype)] + [v.to(gamma.dtype) for v in o[3:]]
     K = weight.shape[2]
     dweight = new_output(torch.empty_like(weight, memory_format=torch.contiguous_format))
     weight = _tap_major(weight)
@@ -566,7 +590,8 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
     dt = new_output(torch.empty_like(x, dtype=acc))
     S = _splits(x, C)
     geom = (N, C, H, W) + tuple(x.stride())
-    part_dy = new_output(torch.empty((2, S, C), dtype=acc, device=x.device))
+    part_dy = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
+    dhat = torch.zeros(C, dtype=acc, device=x.device)
     if sums_given:  # c1, c2 are the given means: dt kernel with M = 1
         c1_src, c2_src, count = dy_means[0], dy_means[1], 1
         dgamma = dbeta = gamma.new_empty(0)
@@ -575,12 +600,19 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
         dbeta = new_output(torch.empty_like(gamma))
         c1_src, c2_src, count = dbeta, dgamma, N * H * W
         if batch_stats:
+            # The saved mean is rounded (off the exact mean of g by up to ulp(mean)/2), so every ghat shares
+            # an offset dhat = mean(ghat) that is large against 1 when |mean| >> std or M is tiny; it would
+            # give dt a common component that dw = sum dt*u and db = sum dt multiply by the full mean of u.
+            # ghat is centred exactly instead: ghat - dhat in the dt pass, and sum dy*(ghat - dhat) =
+            # dgamma - dhat*dbeta (the CPU backend's delta, csrc/cpu/dw_block.cpp backward_impl).
             _backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, affine, act, part_dy,
-                             dbeta, dgamma)
+                             dbeta, dgamma, dhat)
+            dhat.div_(count)
+            dgamma.sub_(dhat * dbeta)
     part_dw = new_output(torch.empty((S, K * K, C), dtype=acc, device=x.device))  # tap-major partials
     part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
     _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dt, part_dw, part_db,
+        dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dhat, dt, part_dw, part_db,
         part_dy, count, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
         KK_PAD=triton.next_power_of_2(K * K))
     if not batch_stats:

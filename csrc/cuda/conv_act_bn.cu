@@ -8,7 +8,8 @@
 //                               input dtype when asked; y = act(t) when the BN apply is deferred to the
 //                               next depthwise block's load (apply_bn false; in training the statistics
 //                               kernel writes it and this pass is skipped).
-//   cab_backward_reduce_kernel  backward pass 1: sum dy, sum dy*ghat per channel (BN applied here only).
+//   cab_backward_reduce_kernel  backward pass 1: sum dy, sum dy*ghat, sum ghat per channel (BN applied here
+//                               only); in training launch_recentre_sums then centres ghat on the exact mean.
 //   cab_backward_dt_kernel      backward pass 2: dT = dg * act'(t) in the input dtype, sum dT per channel.
 // t is read from the saved tensor, or recomputed as T_acc + b rounded to the input dtype (as saved).
 #include "cuda_common.cuh"
@@ -85,31 +86,34 @@ __global__ void cab_backward_reduce_kernel(Layout L, const T* __restrict__ dy, c
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  float s[2] = {0.f, 0.f};
+  float s[3] = {0.f, 0.f, 0.f};
   if (c < L.C) {
     const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
-      const float d = to_acc(dy[e]);
+      const float d = to_acc(dy[e]), ghat = (act_forward<ACT>(load_t(t_saved, T_acc, bc, e)) - mu) * rs;
       s[0] += d;
-      s[1] += d * ((act_forward<ACT>(load_t(t_saved, T_acc, bc, e)) - mu) * rs);
+      s[1] += d * ghat;
+      s[2] += ghat;
     }
   }
-  block_channel_sums<2>(s, cpb);
+  block_channel_sums<3>(s, cpb);
   if (tid < cpb && c < L.C) {
-    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 2;
+    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
     o[0] = s[0];
     o[1] = s[1];
+    o[2] = s[2];
   }
 }
 
 // Per-channel coefficients of dt = a*(dy - c1 - ghat*c2)*act'(t), M = N*Ho*Wo:
-//   BN applied here (dy = dL/dy): a = gamma*rstd; training c1 = sum(dy)/M, c2 = sum(dy*ghat)/M (sums).
+//   BN applied here (dy = dL/dy): a = gamma*rstd; training c1 = sum(dy)/M, c2 = sum(dy*ghat)/M and the
+//   recentring dhat (sums after launch_recentre_sums).
 //   BN deferred (dy = dL/dg, g = act(t)): a = 1; training c1 = -dmean/M, c2 = drstd*rstd^2/M, i.e.
 //   dg = dy + dmean/M - drstd*rstd^2*ghat/M with dmean, drstd the gradients of the batch mean and rstd
 //   (null: zero).  Eval: c1 = c2 = 0.
 struct DtCoefficients {
-  float a, c1, c2;
+  float a, c1, c2, dhat;
 };
 CMK_DEV DtCoefficients dt_coefficients(int64_t c, float inv_m, bool batch_stats, bool apply_bn,
                                        const float* __restrict__ gamma, const float* __restrict__ rstd,
@@ -117,9 +121,10 @@ CMK_DEV DtCoefficients dt_coefficients(int64_t c, float inv_m, bool batch_stats,
                                        const float* __restrict__ drstd) {
   const float rs = rstd[c];
   if (apply_bn)
-    return {gamma[c] * rs, batch_stats ? sums[c * 2] * inv_m : 0.f, batch_stats ? sums[c * 2 + 1] * inv_m : 0.f};
+    return {gamma[c] * rs, batch_stats ? sums[c * 3] * inv_m : 0.f, batch_stats ? sums[c * 3 + 1] * inv_m : 0.f,
+            batch_stats ? sums[c * 3 + 2] : 0.f};
   return {1.f, batch_stats && dmean != nullptr ? -dmean[c] * inv_m : 0.f,
-          batch_stats && drstd != nullptr ? drstd[c] * rs * rs * inv_m : 0.f};
+          batch_stats && drstd != nullptr ? drstd[c] * rs * rs * inv_m : 0.f, 0.f};
 }
 
 // dt = a*(dy - c1 - ghat*c2)*act'(t) (coefficients above), written as dT; per-split partials of sum dt.
@@ -144,7 +149,7 @@ __global__ void cab_backward_dt_kernel(Layout L, const T* __restrict__ dy, const
       const float t = load_t(t_saved, T_acc, bc, e);
       // a deferred BN normalized the stored g (csrc/cpu/conv_act_bn.cpp g_as_stored)
       const float g = apply_bn ? act_forward<ACT>(t) : to_acc(from_acc<T>(act_forward<ACT>(t)));
-      const float ghat = (g - mu) * rs;
+      const float ghat = (g - mu) * rs - co.dhat;
       const float dt = co.a * (to_acc(dy[e]) - co.c1 - ghat * co.c2) * act_backward<ACT>(t);
       dT[e] = from_acc<T>(dt);
       s[0] += dt;
@@ -206,7 +211,8 @@ void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const v
       auto reduce = &cab_backward_reduce_kernel<T, A>;
       CMK_LAUNCH(reduce, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, mean, rstd, sp.cpb, sp.chunk, ws);
       CMK_CHECK_LAUNCH("cab_backward_reduce_kernel");
-      launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+      launch_sum_splits(ws, sp.splits, p.C * 3, sums, stream);
+      if (batch_stats) launch_recentre_sums(sums, p.C, 1.f / static_cast<float>(L.N * L.HW), stream);
     }
     auto dt = &cab_backward_dt_kernel<T, A>;
     CMK_LAUNCH(dt, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, gamma, mean, rstd,

@@ -98,7 +98,8 @@ std::vector<at::Tensor> conv_act_bn_backward(const at::Tensor& dy_in, const at::
     T_acc = gemm_forward(g, Z.to(at::kFloat), W2.to(at::kFloat));
   }
   const auto f32 = gamma.options();
-  at::Tensor sums = cpu::poisoned(at::empty({g.Cout, 2}, f32));  // (sum dy, sum dy*ghat), with apply_bn
+  // (sum dy, sum dy*ghat, dhat) with apply_bn (launch_recentre_sums in training; sum ghat in eval)
+  at::Tensor sums = cpu::poisoned(at::empty({g.Cout, 3}, f32));
   at::Tensor sum_dt = cpu::poisoned(at::empty({g.Cout}, f32));
   at::Tensor dT = cpu::poisoned(at::empty_like(dy, dy.options(), fmt));
   at::Tensor ws = workspace(x, conv_act_bn_workspace_floats(p, s));

@@ -214,6 +214,20 @@ __global__ void sum_splits_kernel(const float* ws, int64_t S, int64_t width, flo
   if (lane == 0 && j < width) out[j] = s;
 }
 
+// Backward pass 1 leaves (sum dy, sum dy*ghat, sum ghat) per channel, ghat = (g - mean)*rstd with the saved
+// mean, which is rounded: off the exact mean of g by up to ulp(mean)/2, so every ghat shares an offset
+// dhat = sum ghat / M that is large against 1 when |mean| >> std or M is tiny (it gave dt a common component
+// that dw and db multiply by the full mean of u and act'(t); csrc/cpu/dw_block.cpp backward_impl). In place:
+// (sum dy, sum dy*(ghat - dhat), dhat); pass 2 centres ghat exactly with it.
+__global__ void recentre_sums_kernel(float* sums, int64_t C, float inv_m) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float* s = sums + c * 3;
+  const float dhat = s[2] * inv_m;
+  s[1] -= dhat * s[0];
+  s[2] = dhat;
+}
+
 }  // namespace
 
 // Finalize kernels: one warp per output column (256 threads on the GPU, 64 under emulation, where
@@ -235,6 +249,12 @@ inline void launch_sum_splits(const float* ws, int64_t S, int64_t width, float* 
   auto kern = &sum_splits_kernel;
   CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, width, out);
   CMK_CHECK_LAUNCH("sum_splits_kernel");
+}
+inline void launch_recentre_sums(float* sums, int64_t C, float inv_m, void* stream) {
+  const unsigned blocks = static_cast<unsigned>((C + kFinalizeThreads - 1) / kFinalizeThreads);
+  auto kern = &recentre_sums_kernel;
+  CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, sums, C, inv_m);
+  CMK_CHECK_LAUNCH("recentre_sums_kernel");
 }
 
 }  // namespace CMK_KNS

@@ -14,7 +14,7 @@
 //                                             residual u read from the staged tile; y staged in shared
 //                                             memory and stored in 16-byte channel packs (channels_last);
 //                               MODE kStats   training pass 1: per-tile Chan/Welford (count, mean, M2) of g;
-//                               MODE kReduce  backward pass 1: per-tile sum dy, sum dy*ghat (dy staged).
+//                               MODE kReduce  backward pass 1: per-tile sum dy, sum dy*ghat, sum ghat (dy staged).
 //                             One partial per (tile, channel); welford_finalize_kernel / sum_splits_kernel
 //                             merge them. int32 offsets inside an image, int64 only for the image base.
 //   dw_*_generic_kernel       the same three passes for k > 9 (or shapes past the tiled kernel's int32 and
@@ -154,7 +154,7 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
   }
 }
 
-// grid (channel groups, splits); ws[split][c][2] = (sum dy, sum dy*ghat).
+// grid (channel groups, splits); ws[split][c][3] = (sum dy, sum dy*ghat, sum ghat).
 template <typename T, int ACT>
 __global__ void dw_backward_reduce_generic_kernel(Layout L, int k, const T* __restrict__ dy, const T* __restrict__ x,
                                           InputAffine in, const T* __restrict__ w, const T* __restrict__ b,
@@ -163,23 +163,25 @@ __global__ void dw_backward_reduce_generic_kernel(Layout L, int k, const T* __re
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  float s[2] = {0.f, 0.f};
+  float s[3] = {0.f, 0.f, 0.f};
   if (c < L.C) {
     const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
     const ChannelAffine af = in.of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
       const float t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
-      const float d = to_acc(dy[elem_offset(L, n, c, pix)]);
+      const float d = to_acc(dy[elem_offset(L, n, c, pix)]), ghat = (act_forward<ACT>(t) - mu) * rs;
       s[0] += d;
-      s[1] += d * ((act_forward<ACT>(t) - mu) * rs);
+      s[1] += d * ghat;
+      s[2] += ghat;
     }
   }
-  block_channel_sums<2>(s, cpb);
+  block_channel_sums<3>(s, cpb);
   if (tid < cpb && c < L.C) {
-    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 2;
+    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
     o[0] = s[0];
     o[1] = s[1];
+    o[2] = s[2];
   }
 }
 
@@ -369,17 +371,18 @@ CMK_DEV Welford<float> tile_stats_epilogue(const TileView& v, float shift) {
   return w;
 }
 
-// kReduce: sum dy and sum dy*ghat, ghat = (act(t) - mean)*rstd, over this thread's pixels (dy staged in
-// ds [pixel][kTileC]).
+// kReduce: sum dy, sum dy*ghat and sum ghat, ghat = (act(t) - mean)*rstd, over this thread's pixels (dy
+// staged in ds [pixel][kTileC]).
 template <int ACT>
-CMK_DEV void tile_reduce_epilogue(const TileView& v, const float* ds, float mu, float rs, float (&sums)[2]) {
+CMK_DEV void tile_reduce_epilogue(const TileView& v, const float* ds, float mu, float rs, float (&sums)[3]) {
   const int tid = threadIdx.x, nt = blockDim.x, n_items = v.th * v.tw * kTileC;
   if (v.c0 + tid % kTileC >= v.C) return;
   for (int e = tid; e < n_items; e += nt) {
     if (!v.pixel_ok(e / kTileC)) continue;
-    const float d = ds[e];
+    const float d = ds[e], ghat = (act_forward<ACT>(v.ts[e]) - mu) * rs;
     sums[0] += d;
-    sums[1] += d * ((act_forward<ACT>(v.ts[e]) - mu) * rs);
+    sums[1] += d * ghat;
+    sums[2] += ghat;
   }
 }
 
@@ -389,7 +392,7 @@ CMK_DEV void tile_reduce_epilogue(const TileView& v, const float* ds, float mu, 
 //   t[h,w] = b + sum_{i,j < K} w[i,j] * u[h+i-pl, w+j-pl]   (pl = (K-1)/2; taps summed in (i, j) order)
 //   kApply : y = u[h,w] + A*act(t) + B,  A = gamma*rstd, B = beta - mean*A
 //   kStats : ws[tile][c] = (count, mean, M2) of g = act(t) over the tile
-//   kReduce: ws[tile][c] = (sum dy, sum dy*ghat),  ghat = (g - mean)*rstd
+//   kReduce: ws[tile][c] = (sum dy, sum dy*ghat, sum ghat),  ghat = (g - mean)*rstd
 // The conv loop is activation-free (act is applied by the epilogue, dispatched once per block), so the
 // loop's code is the same for every activation.
 template <typename T, int K, int MODE>
@@ -461,26 +464,27 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     __syncthreads();
     const int c = c0 + tid % kTileC;
     const float mu = c < C ? mean[c] : 0.f, rs = c < C ? rstd[c] : 0.f;
-    float sums[2] = {0.f, 0.f};
+    float sums[3] = {0.f, 0.f, 0.f};
     if (act == kGelu) tile_reduce_epilogue<kGelu>(v, ds, mu, rs, sums);
     else if (act == kGeluTanh) tile_reduce_epilogue<kGeluTanh>(v, ds, mu, rs, sums);
     else tile_reduce_epilogue<kRelu>(v, ds, mu, rs, sums);
-    block_channel_sums<2>(sums, kTileC);
+    block_channel_sums<3>(sums, kTileC);
     if (tid < kTileC && c0 + tid < C) {
-      float* o = ws + (static_cast<int64_t>(tile) * C + c0 + tid) * 2;
+      float* o = ws + (static_cast<int64_t>(tile) * C + c0 + tid) * 3;
       o[0] = sums[0];
       o[1] = sums[1];
+      o[2] = sums[2];
     }
   }
 }
 
 // --- backward pass 2, tiled (k = 1..9) -------------------------------------------------------------------
 
-// dt on the dt region (origin h_org, w_org): dt = A*(dy - c1 - ghat*c2)*act'(t), ghat = (act(t) - mean)*rstd,
-// with t read from and dt written to dts [DH][DWR][kTilePix]; 0 outside the image (and past C).
+// dt on the dt region (origin h_org, w_org): dt = A*(dy - c1 - ghat*c2)*act'(t), ghat = (act(t) - mean)*rstd
+// - dhat, with t read from and dt written to dts [DH][DWR][kTilePix]; 0 outside the image (and past C).
 template <int ACT>
 CMK_DEV void tile_dt_epilogue(float* dts, const float* dys, int DH, int DW, int DWR, int h_org, int w_org, int H,
-                              int W, bool c_ok, float a, float mu, float rs, float c1, float c2) {
+                              int W, bool c_ok, float a, float mu, float rs, float dhat, float c1, float c2) {
   const int tid = threadIdx.x, nt = blockDim.x, cl = tid % kTileC;
   for (int e = tid; e < DH * DW * kTileC; e += nt) {
     const int q = e / kTileC, row = q / DW, col = q % DW, hh = h_org + row, ww = w_org + col;
@@ -488,7 +492,7 @@ CMK_DEV void tile_dt_epilogue(float* dts, const float* dys, int DH, int DW, int 
     float dt = 0.f;
     if (c_ok && hh >= 0 && hh < H && ww >= 0 && ww < W) {
       const float t = *p;
-      const float ghat = (act_forward<ACT>(t) - mu) * rs;
+      const float ghat = (act_forward<ACT>(t) - mu) * rs - dhat;
       dt = a * (dys[e] - c1 - ghat * c2) * act_backward<ACT>(t);
     }
     *p = dt;
@@ -543,12 +547,14 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   {
     const float mu = c_ok ? mean[c] : 0.f, rs = c_ok ? rstd[c] : 0.f, a = c_ok ? gamma[c] * rs : 0.f;
-    const float c1 = batch_stats && c_ok ? sums[c * 2] * inv_m : 0.f;
-    const float c2 = batch_stats && c_ok ? sums[c * 2 + 1] * inv_m : 0.f;
-    if (act == kGelu) tile_dt_epilogue<kGelu>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, c1, c2);
+    const float c1 = batch_stats && c_ok ? sums[c * 3] * inv_m : 0.f;
+    const float c2 = batch_stats && c_ok ? sums[c * 3 + 1] * inv_m : 0.f;
+    const float dh = batch_stats && c_ok ? sums[c * 3 + 2] : 0.f;
+    if (act == kGelu)
+      tile_dt_epilogue<kGelu>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, dh, c1, c2);
     else if (act == kGeluTanh)
-      tile_dt_epilogue<kGeluTanh>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, c1, c2);
-    else tile_dt_epilogue<kRelu>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, c1, c2);
+      tile_dt_epilogue<kGeluTanh>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, dh, c1, c2);
+    else tile_dt_epilogue<kRelu>(dts, dys, DH, DW, DWR, h0 - PR, w0 - PR, H, W, c_ok, a, mu, rs, dh, c1, c2);
   }
   __syncthreads();
 
@@ -671,8 +677,8 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
         for (int i = 0; i < k; ++i)
           for (int j = 0; j < k; ++j) t += to_acc(wc[i * k + j]) * xs[((row + i) * xw + col + j) * cpb + cl];
         const float rs = rstd[c], a = gamma[c] * rs;
-        const float ghat = (act_forward<ACT>(t) - mean[c]) * rs;
-        const float c1 = batch_stats ? sums[c * 2] * inv_m : 0.f, c2 = batch_stats ? sums[c * 2 + 1] * inv_m : 0.f;
+        const float ghat = (act_forward<ACT>(t) - mean[c]) * rs - (batch_stats ? sums[c * 3 + 2] : 0.f);
+        const float c1 = batch_stats ? sums[c * 3] * inv_m : 0.f, c2 = batch_stats ? sums[c * 3 + 1] * inv_m : 0.f;
         const float d = to_acc(dy[elem_offset(L, n, c, hh * L.W + ww)]);
         dt = a * (d - c1 - ghat * c2) * act_backward<ACT>(t);
       }
@@ -953,18 +959,19 @@ void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s,
       if (use_conv_tiles(p, k, g)) {
         launch_conv_tiles<T, kReduce>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, mean, rstd, dyp, nullptr, ws,
                                       stream);
-        launch_sum_splits(ws, conv_tiles(p, g), p.C * 2, sums, stream);
+        launch_sum_splits(ws, conv_tiles(p, g), p.C * 3, sums, stream);
       } else {
         const SplitPlan sp = plan_splits(p, s);
         auto reduce = &dw_backward_reduce_generic_kernel<T, A>;
         CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads),
                    0, stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
         CMK_CHECK_LAUNCH("dw_backward_reduce_generic_kernel");
-        launch_sum_splits(ws, sp.splits, p.C * 2, sums, stream);
+        launch_sum_splits(ws, sp.splits, p.C * 3, sums, stream);
       }
     }
     if (reduce_only) return;
     const float inv_m = sums_given ? 1.f : 1.f / static_cast<float>(L.N * L.HW);
+    if (batch_stats && !sums_given) launch_recentre_sums(sums, p.C, inv_m, stream);
     // Pass 2: dt, du, dx, and the dw/db/din_scale/din_shift partials on shared-memory tiles.
     const ConvTiling bg = plan_backward_tiling(p, s);
     if (use_conv_tiles(p, k, bg)) {

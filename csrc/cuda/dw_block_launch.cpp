@@ -153,8 +153,12 @@ std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Ten
   DeviceGuard guard(x);
   const auto f32 = gamma.options();
   at::Tensor dx = cpu::poisoned(at::empty_like(x));
-  at::Tensor sums = cpu::poisoned(at::empty({c.C, 2}, f32));  // (sum dy, sum dy*ghat), or the given means
-  if (sums_given) sums.copy_(dy_means.t());
+  // (sum dy, sum dy*ghat, dhat) after pass 1 (launch_recentre_sums), or the given means and dhat = 0
+  at::Tensor sums = cpu::poisoned(at::empty({c.C, 3}, f32));
+  if (sums_given) {
+    sums.select(1, 2).zero_();
+    sums.narrow(1, 0, 2).copy_(dy_means.t());
+  }
   // (dw taps, db, din_scale = sum du*(x - in_center), din_shift = sum du)
   at::Tensor grads = cpu::poisoned(at::empty({c.C, dw_grad_columns(c.k)}, f32));
   at::Tensor ws = workspace(x, dw_block_workspace_floats(c.p, c.k, c.s));
@@ -182,14 +186,14 @@ at::Tensor dw_block_backward_reduce(const at::Tensor& dy_in, const at::Tensor& x
   check_per_channel_f32(op, "rstd", rstd, c.C);
   const at::Tensor dy = dense_grad_output(op, dy_in, x, c.p);
   DeviceGuard guard(x);
-  at::Tensor sums = cpu::poisoned(at::empty({c.C, 2}, mean.options()));
+  at::Tensor sums = cpu::poisoned(at::empty({c.C, 3}, mean.options()));
   at::Tensor ws = workspace(x, dw_block_workspace_floats(c.p, c.k, c.s));
   dw_block_backward_launch(c.p, c.k, c.s, dy.const_data_ptr(), x.const_data_ptr(), c.in_center(), c.in_scale(),
                            c.in_shift(), c.weight.const_data_ptr(), bias.const_data_ptr(), mean.const_data_ptr<float>(),
                            mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), true, false,
                            /*reduce_only=*/true, nullptr, sums.data_ptr<float>(), nullptr, ws.data_ptr<float>(),
                            current_stream(x));
-  return sums.t().contiguous();  // (2, C): sum dy, sum dy*ghat
+  return sums.narrow(1, 0, 2).t().contiguous();  // (2, C): sum dy, sum dy*ghat (the third column: sum ghat)
 }
 
 }  // namespace CMK_KNS

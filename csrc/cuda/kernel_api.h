@@ -62,9 +62,11 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
                              bool batch_stats, bool apply, float eps, void* y, float* ws, void* stream);
 
 // With du = dL/du = dy + conv_transpose(dt): dx = in_scale*du (du without an input affine; input dtype);
-// sums[C][2] = (sum dy, sum dy*ghat) = (dbeta, dgamma); grads[C][dw_grad_columns(k)] = (dw taps, db,
+// sums[C][3] = (sum dy, sum dy*ghat, dhat) = (dbeta, dgamma, the recentring of ghat on the exact mean of g;
+// in eval the third column is sum ghat, unused); grads[C][dw_grad_columns(k)] = (dw taps, db,
 // sum du*(x - in_center), sum du) in fp32, the last two 0 without an input affine. Synchronized BN: sums_given, sums
-// holds the global means (mean dy, mean dy*ghat) and pass 1 is skipped; reduce_only stops after pass 1.
+// holds the global means (mean dy, mean dy*ghat, 0) and pass 1 is skipped; reduce_only stops after pass 1
+// (sums then (sum dy, sum dy*ghat, sum ghat), not recentred).
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
                               const float* in_center, const float* in_scale, const float* in_shift, const void* w,
                               const void* b,
@@ -84,7 +86,8 @@ void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* T
                                 bool apply_bn, void* y, void* t_out, float* ws, void* stream);
 
 // t is either t_saved (input dtype) or T_acc + b rounded to the input dtype. Writes dT (input dtype) and
-// sum_dt[C] (fp32); with apply_bn also sums[C][2] = (sum dy, sum dy*ghat). Without apply_bn, dy is dL/dg
+// sum_dt[C] (fp32); with apply_bn also sums[C][3] = (sum dy, sum dy*ghat, dhat) as in dw_block_backward_launch
+// (dgamma = sum dy*(ghat - dhat) in training). Without apply_bn, dy is dL/dg
 // for g = act(t) and dmean/drstd (C values, or null: zero) the gradients of the batch mean and rstd;
 // sums is not touched.
 void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
