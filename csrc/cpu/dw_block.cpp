@@ -10,7 +10,9 @@
 // complete inside one thread: no cross-thread merge, and t (or dt) stays in a per-thread scratch of
 // N*H*W*CB values that lives in L2. Pass structure:
 //   eval forward     : one pass over x (conv, bias, act, BN affine, residual).
-//   training forward : conv+act into scratch, exact two-pass mean/var over the scratch, apply pass.
+//   training forward : conv+act into scratch, exact two-pass mean/var over the scratch, apply pass;
+//                      channels_last with k <= 9 runs two ring passes instead (ring_k: per-row statistics
+//                      merged per channel in row order, then the apply).
 //   backward         : recompute t into scratch and reduce sum(dy), sum(dy*ghat); then form dt,
 //                      dw, db and dx = dy + conv_transpose(dt) in one more pass.
 // Only x and the per-channel statistics are saved for the backward (t is recomputed).
@@ -730,13 +732,22 @@ AVec<acc_t> channel_lanes(const PlaneGeom& g, const T* v) {
   return out;
 }
 
-template <int K, typename scalar_t, typename acc_t, int A>
-void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
-                 const acc_t* gammap, const acc_t* betap, const acc_t* meanp, const acc_t* rstdp,
-                 const ChannelAffine<acc_t>& affp, scalar_t* yp) {
+// What a ring pass emits per output row: the block's output (the eval block, and the training forward's
+// apply pass), or the row's statistics of g = act(t) for the training forward's first pass.
+enum class RingOut { kApply, kRowStats };
+
+// kApply: y = u + scale*act(t) + shift with per-channel scale, shift (C values each).
+// kRowStats: no output; row_stats[(n*H + h)][0|1][lane] = mean and M2 of g over the W pixels of output row
+// h of image n, per channel lane (groups*VL lanes). Each row's pair comes from that row alone (the row is in
+// the row buffer: two passes over it), so the statistics do not depend on the work split.
+template <int K, RingOut OUT, typename scalar_t, typename acc_t, int A>
+void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
+            const acc_t* scalep, const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp,
+            acc_t* row_stats) {
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
   constexpr int VL = Vec::N, WB = kRingTile;
+  constexpr bool apply = OUT == RingOut::kApply;
   const int64_t G = g.groups, C = g.C, pl = g.pl, W = g.W, Wp = s.Wp;
   // Weights [group][tap][lane]; bias, BN scale/shift and the input affine per lane.
   AVec<acc_t> wt(G * K * K * VL, acc_t(0));
@@ -744,9 +755,9 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
     for (int t = 0; t < K * K; ++t) wt[((c / VL) * K * K + t) * VL + c % VL] = static_cast<acc_t>(wp[c * K * K + t]);
   const AVec<acc_t> bias = channel_lanes<acc_t>(g, bp);
   AVec<acc_t> scale(G * VL, acc_t(0)), shift(G * VL, acc_t(0));
-  for (int64_t c = 0; c < C; ++c) {
-    scale[c] = gammap[c] * rstdp[c];
-    shift[c] = betap[c] - meanp[c] * scale[c];
+  if (apply) {
+    scale = channel_lanes<acc_t>(g, scalep);
+    shift = channel_lanes<acc_t>(g, shiftp);
   }
   const bool affine = affp.scale != nullptr;
   AVec<acc_t> in_ce, in_sc, in_sh;
@@ -804,7 +815,7 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
       };
       for (int64_t h = h_begin - pl; h < h_begin - pl + K; ++h) load_row(h, 0, W);
       for (int64_t h = h_begin; h < h_end; ++h) {
-        const bool load_next = h + 1 < h_end, store_prev = h > h_begin;
+        const bool load_next = h + 1 < h_end, store_prev = apply && h > h_begin;
         for (int64_t j = 0; j < ng; ++j) {
           const int64_t l0 = (g0 + j) * VL;
           const acc_t* wj = wt.data() + (g0 + j) * K * K * VL;
@@ -827,8 +838,25 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
             acc_t* tt = &t[0][0];
             for (int e = 0; e < WB * VL; ++e) tt[e] = act_forward<A>(tt[e]);
             const int nw = static_cast<int>(std::min<int64_t>(WB, W - w0));
-            for (int a = 0; a < nw; ++a)
-              Vec::store(o + (w0 + a) * VL, Vec::load(res + (w0 + a) * VL) + scv * Vec::load(t[a]) + shv);
+            for (int a = 0; a < nw; ++a) {
+              if constexpr (apply)
+                Vec::store(o + (w0 + a) * VL, Vec::load(res + (w0 + a) * VL) + scv * Vec::load(t[a]) + shv);
+              else
+                Vec::store(o + (w0 + a) * VL, Vec::load(t[a]));
+            }
+          }
+          if constexpr (!apply) {  // the row's mean, then its M2 about that mean (the row is in L1)
+            V sum = Vec::broadcast(acc_t(0));
+            for (int64_t w = 0; w < W; ++w) sum = sum + Vec::load(o + w * VL);
+            const V mean = sum * Vec::broadcast(acc_t(1) / static_cast<acc_t>(W));
+            V m2 = Vec::broadcast(acc_t(0));
+            for (int64_t w = 0; w < W; ++w) {
+              const V d = Vec::load(o + w * VL) - mean;
+              m2 = m2 + d * d;
+            }
+            acc_t* rs = row_stats + (n * g.H + h) * 2 * G * VL + (g0 + j) * VL;
+            Vec::store(rs, mean);
+            Vec::store(rs + G * VL, m2);
           }
           // Slice j of the memory traffic around this row (see SLOTS).
           const int64_t w_lo = W * j / ng, w_hi = W * (j + 1) / ng;
@@ -836,19 +864,18 @@ void eval_ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, cons
           if (store_prev) store_row(h - 1, w_lo, w_hi);
         }
       }
-      store_row(h_end - 1, 0, W);
+      if (apply) store_row(h_end - 1, 0, W);
     }
   });
 }
 
-// The channels_last eval block for k <= 9; returns false for larger k (callers take the plane path).
-template <typename scalar_t, typename acc_t, int A>
-bool eval_ring(const PlaneGeom& g, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp, const acc_t* gammap,
-               const acc_t* betap, const acc_t* meanp, const acc_t* rstdp, const ChannelAffine<acc_t>& affp,
-               scalar_t* yp) {
+// A channels_last ring pass for k <= 9; returns false for larger k (callers take the plane path).
+template <RingOut OUT, typename scalar_t, typename acc_t, int A>
+bool ring_pass(const PlaneGeom& g, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp, const acc_t* scalep,
+               const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp, acc_t* row_stats) {
   const RingGeom s = make_ring_geom<acc_t>(g);
   auto run = [&](auto KC) {
-    eval_ring_k<decltype(KC)::value, scalar_t, acc_t, A>(g, s, xp, wp, bp, gammap, betap, meanp, rstdp, affp, yp);
+    ring_k<decltype(KC)::value, OUT, scalar_t, acc_t, A>(g, s, xp, wp, bp, scalep, shiftp, affp, yp, row_stats);
   };
   switch (g.k) {
     case 1: run(std::integral_constant<int, 1>{}); return true;
@@ -926,7 +953,15 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
       const int64_t blocks = (g.groups + G - 1) / G;
       const bool pairs = use_pair_dots<scalar_t, acc_t, CL>(g);  // bf16 pair dots instead of fp32 FMAs
       if constexpr (CL) {
-        if (!pairs && eval_ring<scalar_t, acc_t, A>(g, xp, wp, bp, gp, betap, meanp, rstdp, affp, yp)) return;
+        if (!pairs) {
+          AVec<acc_t> sc(g.C), sh(g.C);  // y = u + sc*g + sh
+          for (int64_t c = 0; c < g.C; ++c) {
+            sc[c] = gp[c] * rstdp[c];
+            sh[c] = betap[c] - meanp[c] * sc[c];
+          }
+          if (ring_pass<RingOut::kApply, scalar_t, acc_t, A>(g, xp, wp, bp, sc.data(), sh.data(), affp, yp, nullptr))
+            return;
+        }
       }
       at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
         const int64_t pad_len = g.buf_h * g.buf_w * CB, pair_len = g.buf_h * g.buf_w;
@@ -1026,8 +1061,40 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
       return;
     }
 
-    // Training: each thread owns whole channel groups; g of the whole batch stays in its scratch.
     const int64_t M = g.N * g.HW;
+    if constexpr (CL) {
+      // Training in channels_last, k <= 9: two ring passes (ring_k), each reading x once as a stream. Pass 1
+      // gives every output row's mean and M2 of g; they are merged here per channel in row order (Chan, in
+      // double: the same result for any thread count); pass 2 applies the BN. The plane path below read each
+      // channel group of x with a stride of C elements three times (conv, and the apply's gather and scatter).
+      if (g.k <= 9) {
+        const int64_t lanes = g.groups * VL, rows = g.N * g.H;
+        AVec<acc_t> row_stats(rows * 2 * lanes);
+        ring_pass<RingOut::kRowStats, scalar_t, acc_t, A>(g, xp, wp, bp, nullptr, nullptr, affp, nullptr,
+                                                          row_stats.data());
+        std::vector<Welford<double>> st(lanes);
+        at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t* rs = row_stats.data() + r * 2 * lanes;
+            for (int64_t l = begin * VL; l < end * VL; ++l) st[l].merge(double(g.W), rs[l], rs[lanes + l]);
+          }
+        });
+        AVec<acc_t> sc(g.C), sh(g.C);
+        for (int64_t c = 0; c < g.C; ++c) {
+          const double v = st[c].m2 / static_cast<double>(M);
+          meanp[c] = static_cast<acc_t>(st[c].mean);
+          varp[c] = static_cast<acc_t>(v);
+          rstdp[c] = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
+          sc[c] = gp[c] * rstdp[c];
+          // the unrounded mean: the acc_t one is off by up to ulp(mean)/2 (see the plane path's shift)
+          sh[c] = static_cast<acc_t>(betap[c] - st[c].mean * sc[c]);
+        }
+        if (stats_only) return;
+        ring_pass<RingOut::kApply, scalar_t, acc_t, A>(g, xp, wp, bp, sc.data(), sh.data(), affp, yp, nullptr);
+        return;
+      }
+    }
+    // Training: each thread owns whole channel groups; g of the whole batch stays in its scratch.
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
       AVec<acc_t> scale, shift, in_lanes[3];
