@@ -70,10 +70,11 @@ def known_accuracy_issue(applies: bool, reason: str = ISSUE_11):
 
 # Training cases with |mean| >> std and more than 512 values per channel (so no backend takes its float64
 # path): the saved fp32 batch mean is off the exact mean of g by up to ulp(mean)/2, a common offset of
-# every ghat that a backward must measure and remove (the recentring). Without it these gave dweight and
-# dbias 7x (pointwise) and 24x (stem) the rule's bound on the Triton backend.
+# every ghat that a backward must measure and remove (the recentring). Without it the first two gave dweight
+# and dbias 7x (pointwise) and 24x (stem) the rule's bound on the Triton backend, the third 2.5x on the CUDA
+# emulator (each backend's forward rounds its mean differently, so a case fails on one and not the other).
 # (kind, x offset, x scale, seed)
-RECENTRING_CASES = (("pw", -4.0, 0.01, 4), ("stem", 100.0, 0.1, 2))
+RECENTRING_CASES = (("pw", -4.0, 0.01, 4), ("stem", 100.0, 0.1, 2), ("pw", -4.0, 0.01, 3))
 
 
 def recentring_case(kind, offset, scale, seed, device="cpu"):
