@@ -30,8 +30,9 @@ SCHEMAS = {
     # Returns (dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift). With du = dL/du:
     # dx = in_scale*du, din_scale = sum(du*(x - in_center)) (centred in the kernel, not from two large
     # sums), din_shift = sum(du) per channel (empty without an input affine); din_center = -in_scale*din_shift.
-    # dy_means (2, C) or empty: a synchronized BN's global [mean dy, mean dy*ghat], used in dg instead of
-    # this call's own; the reduction pass is then skipped and dgamma, dbeta come back empty.
+    # dy_means (3, C) or empty: a synchronized BN's global [mean dy, mean dy*(ghat - dhat), dhat = mean ghat],
+    # used in dg (with ghat - dhat: centred on the exact global mean of g) instead of this call's own; the
+    # reduction pass is then skipped and dgamma, dbeta come back empty.
     # With batch_stats, mean/rstd are the forward's batch statistics; a backend may recentre ghat on the
     # exact mean of g it recomputes (the CPU does: the saved mean is rounded, csrc/cpu/dw_block.cpp).
     "dw_block_backward":
@@ -43,7 +44,8 @@ SCHEMAS = {
     "dw_block_batch_stats":
         "(Tensor x, Tensor in_center, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, str act, "
         "str backend) -> (Tensor, Tensor)",
-    # Synchronized BN, backward pass 1: the (2, C) local sums [sum dy, sum dy*ghat], ghat = (g-mean)*rstd.
+    # Synchronized BN, backward pass 1: the (3, C) local sums [sum dy, sum dy*ghat, sum ghat],
+    # ghat = (g-mean)*rstd.
     "dw_block_backward_reduce":
         "(Tensor dy, Tensor x, Tensor in_center, Tensor in_scale, Tensor in_shift, Tensor weight, Tensor bias, "
         "Tensor mean, Tensor rstd, str act, str backend) -> Tensor",

@@ -47,7 +47,7 @@ def _dw_block_batch_stats_fake(x, in_center, in_scale, in_shift, weight, bias, a
 
 @torch.library.register_fake(qualname("dw_block_backward_reduce"))
 def _dw_block_backward_reduce_fake(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, act, backend):
-    return mean.new_empty((2, x.shape[1]))
+    return mean.new_empty((3, x.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):

@@ -166,17 +166,23 @@ class SyncedDepthwiseBlock(torch.autograd.Function):
             local = op("dw_block_backward_reduce")(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd,
                                                    ctx.act, ctx.backend)
         else:
-            local = gamma.new_zeros((2, C))
+            local = gamma.new_zeros((3, C))
         sums = local.clone()
         dist.all_reduce(sums, group=ctx.group)
+        # dhat = mean ghat: the global mean was rounded to fp32, so ghat is off centre by that much (in rstd
+        # units); the kernels use ghat - dhat, and dgamma = sum dy*(ghat - dhat) (csrc/cpu/dw_block.cpp).
+        means = sums / n
+        dhat = means[2]
+        means[1] -= dhat * means[0]
+        dgamma_local = local[1] - dhat * local[0]
         if not ctx.count:
             z = torch.zeros_like
             affine = (None, None, None) if in_scale.numel() == 0 else (z(in_center), z(in_scale), z(in_shift))
-            return (z(x), *affine, z(weight), z(bias), local[1], local[0], None, None, None, None)
+            return (z(x), *affine, z(weight), z(bias), dgamma_local, local[0], None, None, None, None)
         dx, dw, db, _, _, dscale, dshift = op("dw_block_backward")(
-            dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, True, (sums / n).contiguous(),
+            dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, True, means.contiguous(),
             ctx.act, ctx.backend)
-        return (dx, *input_affine_grads(in_scale, dscale, dshift), dw, db, local[1], local[0],
+        return (dx, *input_affine_grads(in_scale, dscale, dshift), dw, db, dgamma_local, local[0],
                 None, None, None, None)
 
 

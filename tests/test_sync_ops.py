@@ -33,8 +33,8 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _args(C, k, layout, affine, device, dtype=torch.float32):
-    x = make_x((2, C, 5, 6), dtype, layout).to(device)
+def _args(C, k, layout, affine, device, dtype=torch.float32, hw=(5, 6)):
+    x = make_x((2, C) + hw, dtype, layout).to(device)
     w, b = (torch.randn(C, 1, k, k) / k).to(dtype).to(device), (0.5 * torch.randn(C)).to(dtype).to(device)
     # the centre near the channel means (a BN's batch mean), the scale and shift of order 1
     ce, sc, sh = (x.mean((0, 2, 3)).float() + 0.1 * torch.randn(C, device=device), (torch.rand(C) + 0.5).to(device),
@@ -71,33 +71,40 @@ def test_batch_stats_and_backward_reduce_match_float64(backend, layout, affine, 
     m, r = torch.randn(C).to(dev) * 0.1, torch.rand(C).to(dev) + 0.5
     dy = torch.randn_like(x)
     sums = op("dw_block_backward_reduce")(dy, x, ce, sc, sh, w, b, m, r, act, backend)
-    assert sums.shape == (2, C) and sums.dtype == torch.float32
+    assert sums.shape == (3, C) and sums.dtype == torch.float32
 
     def ref(g, dyv, mv, rv):
         gh = (g - mv.view(1, -1, 1, 1)) * rv.view(1, -1, 1, 1)
-        return torch.stack([dyv.sum((0, 2, 3)), (dyv * gh).sum((0, 2, 3))])
+        return torch.stack([dyv.sum((0, 2, 3)), (dyv * gh).sum((0, 2, 3)), gh.sum((0, 2, 3))])
     check_rule("sums", sums.cpu(), ref(g32, dy.cpu(), m.cpu(), r.cpu()), ref(g64, *_cpu64(dy, m, r)), torch.float32)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("affine", (False, True))
-def test_backward_with_dy_means_is_the_training_backward(backend, layout, affine):
-    """With dy_means = this batch's own means, the backward is the ordinary training backward; the
-    local sums are then not formed (dgamma/dbeta empty)."""
+@pytest.mark.parametrize("offset", (0.0, 100.0))
+def test_backward_with_dy_means_is_the_training_backward(backend, layout, affine, offset):
+    """With dy_means = this batch's own means [mean dy, mean dy*(ghat - dhat), dhat] formed from the reduce
+    op's sums as sync_bn.py does, the backward is the ordinary training backward, which recentres ghat on the
+    exact mean of g; the local sums are then not formed (dgamma/dbeta empty). offset 100, spread 1e-4: the
+    saved fp32 mean is off centre by a sizeable part of std, and both must remove it alike (578 values per
+    channel: above the float64 bound, so both calls run the fp32 kernels)."""
     dev = _device(backend)
     C = 6
-    x, ce, sc, sh, w, b = _args(C, 3, layout, affine, dev)
+    x, ce, sc, sh, w, b = _args(C, 3, layout, affine, dev, hw=(17, 17) if offset else (5, 6))
+    if offset:
+        x = x * 1e-4 + offset
     gamma, beta = torch.randn(C, device=dev), torch.randn(C, device=dev)
     e = torch.empty(0, device=dev)
     _, mean, rstd, _ = op("dw_block_forward")(x, ce, sc, sh, w, b, gamma, beta, e, e, True, 1e-5, "gelu", backend)
     dy = torch.randn_like(x)
     local = op("dw_block_backward")(dy, x, ce, sc, sh, w, b, gamma, mean, rstd, True, e, "gelu", backend)
     sums = op("dw_block_backward_reduce")(dy, x, ce, sc, sh, w, b, mean, rstd, "gelu", backend)
+    means = sums / (x.numel() / C)
+    means[1] -= means[2] * means[0]  # sum dy*(ghat - dhat)
     torch.testing.assert_close(sums[0], local[4], rtol=1e-6, atol=1e-6)  # dbeta
-    torch.testing.assert_close(sums[1], local[3], rtol=1e-6, atol=1e-6)  # dgamma
-    given = op("dw_block_backward")(dy, x, ce, sc, sh, w, b, gamma, mean, rstd, True, sums / (x.numel() / C), "gelu",
-                                    backend)
+    torch.testing.assert_close(sums[1] - means[2] * sums[0], local[3], rtol=1e-5, atol=1e-5)  # dgamma
+    given = op("dw_block_backward")(dy, x, ce, sc, sh, w, b, gamma, mean, rstd, True, means, "gelu", backend)
     assert given[3].numel() == 0 and given[4].numel() == 0
     for i, name in ((0, "dx"), (1, "dweight"), (2, "dbias"), (5, "din_scale"), (6, "din_shift")):
         torch.testing.assert_close(given[i], local[i], rtol=1e-4, atol=1e-5, msg=name)
@@ -111,14 +118,14 @@ def test_opcheck_sync_ops(layout):
     dy = torch.randn_like(x)
     torch.library.opcheck(op("dw_block_backward_reduce"), (dy, x, ce, sc, sh, w, b, m, r, "gelu", "cpu"))
     torch.library.opcheck(op("dw_block_backward"),
-                          (dy, x, ce, sc, sh, w, b, torch.randn(4), m, r, True, torch.randn(2, 4), "gelu", "cpu"))
+                          (dy, x, ce, sc, sh, w, b, torch.randn(4), m, r, True, torch.randn(3, 4), "gelu", "cpu"))
 
 
 def test_dy_means_without_batch_statistics_is_an_error():
     x, ce, sc, sh, w, b = _args(4, 3, "nchw", False, "cpu")
     m, r = torch.randn(4), torch.rand(4) + 0.5
     with pytest.raises(RuntimeError, match="dy_means is only meaningful with batch statistics"):
-        op("dw_block_backward")(torch.randn_like(x), x, ce, sc, sh, w, b, m, m, r, False, torch.randn(2, 4), "gelu",
+        op("dw_block_backward")(torch.randn_like(x), x, ce, sc, sh, w, b, m, m, r, False, torch.randn(3, 4), "gelu",
                                 "cpu")
 
 

@@ -544,17 +544,17 @@ def _check_grad_output(op, dy, x):
 
 
 def dw_block_backward_reduce(dy, x, in_center, in_scale, in_shift, weight, bias, mean, rstd, act: int):
-    """Synchronized BN, backward pass 1: (2, C) local sums [sum dy, sum dy*ghat]."""
+    """Synchronized BN, backward pass 1: (3, C) local sums [sum dy, sum dy*ghat, sum ghat]."""
     _check("dw_block_backward_reduce", x, in_center, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, False)
     dy = _check_grad_output("dw_block_backward_reduce", dy, x)
     affine = in_scale.numel() > 0
     if not affine:
         in_center = in_scale = in_shift = mean
     C = x.shape[1]
-    sums = new_output(torch.empty((2, C), dtype=mean.dtype, device=x.device))
+    sums = new_output(torch.empty((3, C), dtype=mean.dtype, device=x.device))
     part_dy = new_output(torch.empty((3, _splits(x, C), C), dtype=acc_dtype(x.dtype), device=x.device))
     _backward_reduce(dy, x, in_center, in_scale, in_shift, _tap_major(weight), bias, mean, rstd, affine, act, part_dy,
-                     sums[0], sums[1])
+                     sums[0], sums[1], sums[2])
     return sums
 
 
@@ -563,7 +563,7 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
     """Returns [dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift] (dweight/dbias in the weight
     dtype, the rest in gamma's; the last two empty without an input affine). The dt scratch between
     the dt and dx passes is kept in the accumulation dtype. dy_means (2, C), for a synchronized BN:
-    the global means of dy and dy*ghat; pass 1 is skipped and dgamma/dbeta come back empty."""
+    the global means of dy and dy*(ghat - dhat), and dhat; pass 1 is skipped and dgamma/dbeta come back empty."""
     _check("dw_block_backward", x, in_center, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
     dy = _check_grad_output("dw_block_backward", dy, x)
     N, C, H, W = x.shape
@@ -578,8 +578,8 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
     ACC = tl_acc(x.dtype)
     affine = in_scale.numel() > 0
     sums_given = dy_means.numel() > 0
-    if sums_given and (not batch_stats or tuple(dy_means.shape) != (2, C) or dy_means.dtype != gamma.dtype):
-        raise RuntimeError(f"dw_block_backward: dy_means must be a ({2}, {C}) {gamma.dtype} tensor with batch "
+    if sums_given and (not batch_stats or tuple(dy_means.shape) != (3, C) or dy_means.dtype != gamma.dtype):
+        raise RuntimeError(f"dw_block_backward: dy_means must be a (3, {C}) {gamma.dtype} tensor with batch "
                            f"statistics, got {dy_means.dtype} {tuple(dy_means.shape)}")
     dscale = new_output(torch.empty_like(in_scale))
     dshift = new_output(torch.empty_like(in_shift))
@@ -592,8 +592,9 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
     geom = (N, C, H, W) + tuple(x.stride())
     part_dy = new_output(torch.empty((3, S, C), dtype=acc, device=x.device))
     dhat = torch.zeros(C, dtype=acc, device=x.device)
-    if sums_given:  # c1, c2 are the given means: dt kernel with M = 1
+    if sums_given:  # c1, c2 and dhat are the given means: dt kernel with M = 1
         c1_src, c2_src, count = dy_means[0], dy_means[1], 1
+        dhat = dy_means[2].contiguous()
         dgamma = dbeta = gamma.new_empty(0)
     else:
         dgamma = new_output(torch.empty_like(gamma))

@@ -1181,9 +1181,11 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const ChannelAffine<acc_t> affp = channel_affine<acc_t>(in_center, in_scale, in_shift);
   acc_t* dscp = has_affine ? dscale.data_ptr<acc_t>() : nullptr;
   acc_t* dshp = has_affine ? dshift.data_ptr<acc_t>() : nullptr;
-  // Synchronized BN: c1, c2 are the global means (2, C) of dy and dy*ghat; the local sums are not output.
+  // Synchronized BN: dy_means (3, C) = the global [mean dy, mean dy*(ghat - dhat), dhat = mean ghat] (c1, c2 and
+  // the recentring of ghat, in rstd units); the local sums are not output.
   const acc_t* dmp = dy_means.numel() ? dy_means.const_data_ptr<acc_t>() : nullptr;
-  acc_t* redp = reduce_out ? reduce_out->data_ptr<acc_t>() : nullptr;  // reduce only: (2, C) local sums
+  // reduce only: the (3, C) local sums [sum dy, sum dy*ghat, sum ghat]
+  acc_t* redp = reduce_out ? reduce_out->data_ptr<acc_t>() : nullptr;
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
@@ -1246,6 +1248,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           for (int64_t c = 0; c < cb; ++c) {
             redp[c0 + c] = static_cast<acc_t>(sdy[c]);
             redp[g.C + c0 + c] = static_cast<acc_t>(sdyg[c]);
+            redp[2 * g.C + c0 + c] = static_cast<acc_t>(sgc[c] * static_cast<double>(rs[c]));
           }
           continue;
         }
@@ -1264,8 +1267,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         }
         if (dmp) {
           const auto m1 = group_lanes<acc_t, CL>(g, dmp, group), m2 = group_lanes<acc_t, CL>(g, dmp + g.C, group);
+          const auto m3 = group_lanes<acc_t, CL>(g, dmp + 2 * g.C, group);
           std::copy(m1.begin(), m1.end(), c1f);
           std::copy(m2.begin(), m2.end(), c2f);
+          for (int l = 0; l < VL; ++l) dlf[l] = rs[l] != acc_t(0) ? m3[l] / rs[l] : acc_t(0);  // g units
         }
 
         // Pass 2: dt, db, dw, dx.
@@ -1380,9 +1385,9 @@ at::Tensor dense_grad_output(const char* op, const at::Tensor& dy_in, const at::
 void check_dy_means(const at::Tensor& dy_means, bool batch_stats, int64_t C, at::ScalarType acc) {
   if (dy_means.numel() == 0) return;
   TORCH_CHECK(batch_stats, "dw_block_backward: dy_means is only meaningful with batch statistics");
-  TORCH_CHECK(dy_means.device().is_cpu() && dy_means.dim() == 2 && dy_means.size(0) == 2 &&
+  TORCH_CHECK(dy_means.device().is_cpu() && dy_means.dim() == 2 && dy_means.size(0) == 3 &&
                   dy_means.size(1) == C && dy_means.is_contiguous() && dy_means.scalar_type() == acc,
-              "dw_block_backward: dy_means must be a contiguous (2, ", C, ") ", acc, " CPU tensor, got ",
+              "dw_block_backward: dy_means must be a contiguous (3, ", C, ") ", acc, " CPU tensor, got ",
               dy_means.scalar_type(), " ", dy_means.sizes());
 }
 }  // namespace
@@ -1453,7 +1458,7 @@ at::Tensor dw_block_backward_reduce(const at::Tensor& dy_in, const at::Tensor& x
                                     int64_t act) {
   check_dw_inputs(x, in_center, in_scale, in_shift, weight, bias, mean, mean, mean, rstd, false);
   const at::Tensor dy = dense_grad_output("dw_block_backward_reduce", dy_in, x);
-  at::Tensor sums = poisoned(at::empty({2, x.size(1)}, mean.options()));
+  at::Tensor sums = poisoned(at::empty({3, x.size(1)}, mean.options()));
   at::Tensor none_x = x.new_empty({0}), none_w = weight.new_empty({0}), none = mean.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_block_backward_reduce_cpu", [&] {
     if (is_channels_last(x))

@@ -144,21 +144,19 @@ std::vector<at::Tensor> dw_block_backward(const at::Tensor& dy_in, const at::Ten
   if (sums_given) {
     TORCH_CHECK(batch_stats, op, ": dy_means is only meaningful with batch statistics");
     check_on_device(op, "dy_means", dy_means);
-    TORCH_CHECK(dy_means.dim() == 2 && dy_means.size(0) == 2 && dy_means.size(1) == c.C &&
+    TORCH_CHECK(dy_means.dim() == 2 && dy_means.size(0) == 3 && dy_means.size(1) == c.C &&
                     dy_means.scalar_type() == at::kFloat,
-                op, ": dy_means must be a float32 (2, ", c.C, ") tensor, got ", dy_means.scalar_type(), " ",
+                op, ": dy_means must be a float32 (3, ", c.C, ") tensor, got ", dy_means.scalar_type(), " ",
                 dy_means.sizes());
   }
   const at::Tensor dy = dense_grad_output(op, dy_in, x, c.p);
   DeviceGuard guard(x);
   const auto f32 = gamma.options();
   at::Tensor dx = cpu::poisoned(at::empty_like(x));
-  // (sum dy, sum dy*ghat, dhat) after pass 1 (launch_recentre_sums), or the given means and dhat = 0
+  // (sum dy, sum dy*ghat, dhat) after pass 1 (launch_recentre_sums), or the given global means (the same
+  // three, as means)
   at::Tensor sums = cpu::poisoned(at::empty({c.C, 3}, f32));
-  if (sums_given) {
-    sums.select(1, 2).zero_();
-    sums.narrow(1, 0, 2).copy_(dy_means.t());
-  }
+  if (sums_given) sums.copy_(dy_means.t());
   // (dw taps, db, din_scale = sum du*(x - in_center), din_shift = sum du)
   at::Tensor grads = cpu::poisoned(at::empty({c.C, dw_grad_columns(c.k)}, f32));
   at::Tensor ws = workspace(x, dw_block_workspace_floats(c.p, c.k, c.s));
@@ -193,7 +191,7 @@ at::Tensor dw_block_backward_reduce(const at::Tensor& dy_in, const at::Tensor& x
                            mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), true, false,
                            /*reduce_only=*/true, nullptr, sums.data_ptr<float>(), nullptr, ws.data_ptr<float>(),
                            current_stream(x));
-  return sums.narrow(1, 0, 2).t().contiguous();  // (2, C): sum dy, sum dy*ghat (the third column: sum ghat)
+  return sums.t().contiguous();  // (3, C): sum dy, sum dy*ghat, sum ghat
 }
 
 }  // namespace CMK_KNS

@@ -65,8 +65,8 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
 // sums[C][3] = (sum dy, sum dy*ghat, dhat) = (dbeta, dgamma, the recentring of ghat on the exact mean of g;
 // in eval the third column is sum ghat, unused); grads[C][dw_grad_columns(k)] = (dw taps, db,
 // sum du*(x - in_center), sum du) in fp32, the last two 0 without an input affine. Synchronized BN: sums_given, sums
-// holds the global means (mean dy, mean dy*ghat, 0) and pass 1 is skipped; reduce_only stops after pass 1
-// (sums then (sum dy, sum dy*ghat, sum ghat), not recentred).
+// holds the global (mean dy, mean dy*(ghat - dhat), dhat) and pass 1 is skipped; reduce_only stops after pass 1
+// (sums then (sum dy, sum dy*ghat, sum ghat), not recentred: the caller merges them across ranks first).
 void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
                               const float* in_center, const float* in_scale, const float* in_shift, const void* w,
                               const void* b,
