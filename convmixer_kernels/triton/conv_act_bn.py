@@ -208,7 +208,8 @@ def _cab_apply_kernel(t_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, y_ptr, N, 
 @triton.autotune(configs=_EW_CONFIGS, key=_KEY + ["FORM_DT"])
 @triton.jit
 def _cab_backward_dt_kernel(dy_ptr, t_ptr, gamma_ptr, mean_ptr, rstd_ptr, dbeta_ptr, dgamma_ptr, dhat_ptr, dmean_ptr,
-                            drstd_ptr, dT_ptr, part_ptr, N, Cin, Ho, Wo, Cout, P, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
+                            drstd_ptr, dT_ptr, part_ptr, N, Cin, Ho, Wo, Cout, P, sdn, sdc, sdh, sdw, stn, stc, sth,
+                            stw,
                             FORM_DT: tl.constexpr, TRAINING: tl.constexpr, APPLY_BN: tl.constexpr,
                             ACT: tl.constexpr, ACC: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr):

@@ -304,8 +304,8 @@ def _dw_backward_reduce_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_sh
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dw_backward_dt_kernel(dy_ptr, x_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr,
-                           rstd_ptr, dbeta_ptr, dgamma_ptr, dhat_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr, M, N, C, H,
-                           W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
+                           rstd_ptr, dbeta_ptr, dgamma_ptr, dhat_ptr, dt_ptr, part_dw_ptr, part_db_ptr, part_dy_ptr,
+                           M, N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stn, stc, sth, stw,
                            K: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
                            TRAINING: tl.constexpr, KK_PAD: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -562,7 +562,7 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
                       dy_means, act: int):
     """Returns [dx, dweight, dbias, dgamma, dbeta, din_scale, din_shift] (dweight/dbias in the weight
     dtype, the rest in gamma's; the last two empty without an input affine). The dt scratch between
-    the dt and dx passes is kept in the accumulation dtype. dy_means (2, C), for a synchronized BN:
+    the dt and dx passes is kept in the accumulation dtype. dy_means (3, C), for a synchronized BN:
     the global means of dy and dy*(ghat - dhat), and dhat; pass 1 is skipped and dgamma/dbeta come back empty."""
     _check("dw_block_backward", x, in_center, in_scale, in_shift, weight, bias, gamma, gamma, mean, rstd, False)
     dy = _check_grad_output("dw_block_backward", dy, x)
@@ -613,8 +613,9 @@ def dw_block_backward(dy, x, in_center, in_scale, in_shift, weight, bias, gamma,
     part_dw = new_output(torch.empty((S, K * K, C), dtype=acc, device=x.device))  # tap-major partials
     part_db = new_output(torch.empty((S, C), dtype=acc, device=x.device))
     _dw_backward_dt_kernel[lambda m: (S, triton.cdiv(C, m["BLOCK_C"]))](
-        dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dhat, dt, part_dw, part_db,
-        part_dy, count, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC, TRAINING=batch_stats,
+        dy, x, in_center, in_scale, in_shift, weight, bias, gamma, mean, rstd, c1_src, c2_src, dhat, dt, part_dw,
+        part_db, part_dy, count, *geom, *dy.stride(), *dt.stride(), K=K, ACT=act, AFFINE=affine, ACC=ACC,
+        TRAINING=batch_stats,
         KK_PAD=triton.next_power_of_2(K * K))
     if not batch_stats:
         sum_rows(part_dy[0], dbeta)   # dbeta = sum dy
