@@ -27,7 +27,7 @@ API (safe to call from a process that has TRITON_INTERPRET=1 set: the work runs 
       -> case dict. config: a triton.Config-like dict {kwargs, num_warps, num_stages} (as returned by
       pruned_configs / kernel_info), or None (the launcher's fixed sizes, 4 warps). const: constexpr
       overrides (ACT=..., MODE=..., AFFINE=..., TRAINING=...); the rest gets defaults (ACC fp32, K=k,
-      KK_PAD from k, ACT=0, AFFINE=False, ...).
+      KK_PAD from k, ACT=0, AFFINE=False, G_DTYPE the case's dtype, ...).
   pruned_configs(kernel, N, C, H, W, k=None, dtype="bf16", layout="channels_last", act=0, mode=None,
                  cout=None, patch=1, timeout_s=120) -> list[dict]
       the configs the kernel's autotuner would benchmark at that problem after its prune_configs_by
@@ -91,7 +91,8 @@ def make_case(kernel: str, target: int = 90, dtype: str = "bf16", layout: str = 
     if module is None:
         module = launched_kernels()[kernel]
     c = {"ACC": "tl.float32", "ACT": 0, "AFFINE": False, "TRAINING": True, "MODE": 0, "STORE_T": False,
-         "APPLY_BN": True, "FORM_DT": True, "USE_DOT": True, "P": 1}
+         "APPLY_BN": True, "FORM_DT": True, "USE_DOT": True, "P": 1,
+         "G_DTYPE": "tl." + _TORCH_DTYPES[dtype]}  # the stored g's dtype: the activations'
     if k is not None:
         c["K"] = k
         c["KK_PAD"] = 1 << (k * k - 1).bit_length()
