@@ -104,10 +104,21 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t p = p0; p < p1; ++p) {
           acc_t* row = T + p * s.C;
+          if (STORE_G) {  // g goes out on this sweep, and the second reads it back instead of recomputing it
+            scalar_t* grow = g_out + p * s.C;
+#pragma omp simd
+            for (int64_t c = 0; c < s.C; ++c) {
+              row[c] += bv[c];
+              const acc_t gv = g_value<scalar_t, A, true>(row[c]);
+              grow[c] = static_cast<scalar_t>(gv);
+              sum[c] += gv;
+            }
+            continue;
+          }
 #pragma omp simd
           for (int64_t c = 0; c < s.C; ++c) {
             row[c] += bv[c];
-            sum[c] += g_value<scalar_t, A, STORE_G>(row[c]);
+            sum[c] += g_value<scalar_t, A, false>(row[c]);
           }
         }
         for (int64_t c = 0; c < s.C; ++c) mu[c] = sum[c] / static_cast<acc_t>(cnt);
@@ -115,13 +126,16 @@ void stats_pass(const PCQ& s, acc_t* T, const scalar_t* bias, double* mean_out, 
         for (int64_t p = p0; p < p1; ++p) {
           const acc_t* row = T + p * s.C;
           if (STORE_G) {
-            scalar_t* grow = g_out + p * s.C;
-            scalar_t* trow = t_out ? t_out + p * s.C : nullptr;
+            const scalar_t* grow = g_out + p * s.C;
+#pragma omp simd
             for (int64_t c = 0; c < s.C; ++c) {
-              const acc_t gv = g_value<scalar_t, A, true>(row[c]);
-              grow[c] = static_cast<scalar_t>(gv);
-              if (trow) trow[c] = static_cast<scalar_t>(row[c]);
+              const acc_t gv = static_cast<acc_t>(grow[c]);
               m2[c] += (gv - mu[c]) * (gv - mu[c]);
+            }
+            if (t_out) {
+              scalar_t* trow = t_out + p * s.C;
+#pragma omp simd
+              for (int64_t c = 0; c < s.C; ++c) trow[c] = static_cast<scalar_t>(row[c]);
             }
             continue;
           }

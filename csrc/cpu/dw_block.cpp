@@ -732,6 +732,97 @@ AVec<acc_t> channel_lanes(const PlaneGeom& g, const T* v) {
   return out;
 }
 
+// The input affine of a call per lane (channel_lanes of its three vectors), for the ring kernels.
+template <typename acc_t>
+struct LaneAffine {
+  bool on = false;
+  AVec<acc_t> ce, sc, sh;
+  LaneAffine(const PlaneGeom& g, const ChannelAffine<acc_t>& a) : on(a.scale != nullptr) {
+    if (!on) return;
+    ce = channel_lanes<acc_t>(g, a.center);
+    sc = channel_lanes<acc_t>(g, a.scale);
+    sh = channel_lanes<acc_t>(g, a.shift);
+  }
+};
+
+// Pixels [w_lo, w_hi) of row h (any integer) of image n, channel groups [g0, g0 + ng) of a channels_last
+// tensor, into dst laid out [group][col][lane] (group stride `stride`; dst is column w_lo of group g0):
+// through the lane affine when one is given (null or off: the values as they are), zeros for a row outside
+// the image. A pixel's ng groups are one run of memory, read together (whole pixels: the hardware
+// prefetchers stream the row).
+template <typename scalar_t, typename acc_t>
+void read_row_groups(const PlaneGeom& g, const scalar_t* src, const LaneAffine<acc_t>* aff, int64_t n, int64_t g0,
+                     int64_t ng, int64_t h, int64_t w_lo, int64_t w_hi, acc_t* dst, int64_t stride) {
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int VL = Vec::N;
+  if (h < 0 || h >= g.H) {
+    for (int64_t j = 0; j < ng; ++j) std::memset(dst + j * stride, 0, (w_hi - w_lo) * VL * sizeof(acc_t));
+    return;
+  }
+  const int64_t C = g.C, c0 = g0 * VL;
+  const int64_t nc = std::min(ng * VL, C - c0), full = nc / VL;  // valid channels; groups all valid
+  const bool affine = aff != nullptr && aff->on;
+  src += ((n * g.H + h) * g.W + w_lo) * C + c0;
+  for (int64_t w = w_lo; w < w_hi; ++w, src += C, dst += VL) {
+    for (int64_t j = 0; j < full; ++j) {
+      V v = load_as<acc_t>(src + j * VL);
+      if (affine) {
+        const int64_t l = (g0 + j) * VL;
+        v = Vec::load(&aff->sc[l]) * (v - Vec::load(&aff->ce[l])) + Vec::load(&aff->sh[l]);
+      }
+      Vec::store(dst + j * stride, v);
+    }
+    for (int64_t c = full * VL; c < nc; ++c) {  // the last group of a C that is not a multiple of VL
+      const int64_t l = g0 * VL + c;
+      const acc_t v = static_cast<acc_t>(src[c]);
+      dst[full * stride + c - full * VL] = affine ? aff->sc[l] * (v - aff->ce[l]) + aff->sh[l] : v;
+    }
+  }
+}
+
+// The inverse of read_row_groups (no affine): pixels [w_lo, w_hi) of row h of image n from src laid out
+// [group][col][lane] (src is column w_lo of group g0) to a channels_last tensor, each pixel's groups as a run.
+template <typename scalar_t, typename acc_t>
+void write_row_groups(const PlaneGeom& g, scalar_t* dst, int64_t n, int64_t g0, int64_t ng, int64_t h, int64_t w_lo,
+                      int64_t w_hi, const acc_t* src, int64_t stride) {
+  using Vec = Simd<acc_t>;
+  constexpr int VL = Vec::N;
+  const int64_t C = g.C, c0 = g0 * VL;
+  const int64_t nc = std::min(ng * VL, C - c0), full = nc / VL;
+  dst += ((n * g.H + h) * g.W + w_lo) * C + c0;
+  for (int64_t w = w_lo; w < w_hi; ++w, dst += C, src += VL) {
+    for (int64_t j = 0; j < full; ++j) store_as<acc_t>(dst + j * VL, Vec::load(src + j * stride));
+    for (int64_t c = full * VL; c < nc; ++c) dst[c] = static_cast<scalar_t>(src[full * stride + c - full * VL]);
+  }
+}
+
+// Ring weights [group][tap][lane] (groups*VL lanes, zero past C); flip: w[k-1-i][k-1-j], the kernel of the
+// transposed conv.
+template <int K, typename acc_t, typename scalar_t>
+AVec<acc_t> ring_weights(const PlaneGeom& g, const scalar_t* wp, bool flip) {
+  constexpr int VL = Simd<acc_t>::N;
+  AVec<acc_t> wt(g.groups * K * K * VL, acc_t(0));
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int t = 0; t < K * K; ++t)
+      wt[((c / VL) * K * K + t) * VL + c % VL] = static_cast<acc_t>(wp[c * K * K + (flip ? K * K - 1 - t : t)]);
+  return wt;
+}
+
+// acc[a] += sum_{i,j} wj[i*K + j] * rows[i][w0 + a + j] for a < kRingTile: one register tile of a ring row's
+// conv (rows[i]: padded row i of the window, column 0; lanes are channels), by sliding_taps.
+template <int K, typename acc_t>
+inline void ring_conv_tile(typename Simd<acc_t>::V (&acc)[kRingTile], const acc_t* const (&rows)[K], int64_t w0,
+                           const acc_t* wj) {
+  using Vec = Simd<acc_t>;
+  constexpr int VL = Vec::N;
+  const acc_t* rw[K];
+  for (int i = 0; i < K; ++i) rw[i] = rows[i] + w0 * VL;
+  sliding_taps<K, kRingTile>(
+      acc, [&](int i, int u) { return Vec::load(rw[i] + u * VL); },
+      [&](int i, int jj) { return Vec::load(wj + (i * K + jj) * VL); });
+}
+
 // What a ring pass emits per output row: the block's output (the eval block, and the training forward's
 // apply pass), or the row's statistics of g = act(t) for the training forward's first pass.
 enum class RingOut { kApply, kRowStats };
@@ -748,24 +839,16 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
   using V = typename Vec::V;
   constexpr int VL = Vec::N, WB = kRingTile;
   constexpr bool apply = OUT == RingOut::kApply;
-  const int64_t G = g.groups, C = g.C, pl = g.pl, W = g.W, Wp = s.Wp;
+  const int64_t G = g.groups, pl = g.pl, W = g.W, Wp = s.Wp;
   // Weights [group][tap][lane]; bias, BN scale/shift and the input affine per lane.
-  AVec<acc_t> wt(G * K * K * VL, acc_t(0));
-  for (int64_t c = 0; c < C; ++c)
-    for (int t = 0; t < K * K; ++t) wt[((c / VL) * K * K + t) * VL + c % VL] = static_cast<acc_t>(wp[c * K * K + t]);
+  const AVec<acc_t> wt = ring_weights<K, acc_t>(g, wp, false);
   const AVec<acc_t> bias = channel_lanes<acc_t>(g, bp);
   AVec<acc_t> scale(G * VL, acc_t(0)), shift(G * VL, acc_t(0));
   if (apply) {
     scale = channel_lanes<acc_t>(g, scalep);
     shift = channel_lanes<acc_t>(g, shiftp);
   }
-  const bool affine = affp.scale != nullptr;
-  AVec<acc_t> in_ce, in_sc, in_sh;
-  if (affine) {
-    in_ce = channel_lanes<acc_t>(g, affp.center);
-    in_sc = channel_lanes<acc_t>(g, affp.scale);
-    in_sh = channel_lanes<acc_t>(g, affp.shift);
-  }
+  const LaneAffine<acc_t> laff(g, affp);
   // K + 1 ring slots: while output row h is computed from input rows h - pl .. h - pl + K - 1, the next
   // input row is read into the spare slot, a slice after each group, and the previous output row goes out
   // to y the same way, so that their memory traffic overlaps the FMAs instead of stalling between rows.
@@ -775,43 +858,19 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
     AVec<acc_t> ring(s.GB * ring_plane, acc_t(0)), out(2 * s.GB * out_plane, acc_t(0));
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t chunk = idx % s.chunks, blk = idx / s.chunks % s.blocks, n = idx / (s.chunks * s.blocks);
-      const int64_t g0 = blk * s.GB, ng = std::min(s.GB, G - g0), c0 = g0 * VL;
-      const int64_t nc = std::min(ng * VL, C - c0), full = nc / VL;  // valid channels; groups all valid
+      const int64_t g0 = blk * s.GB, ng = std::min(s.GB, G - g0);
       const int64_t h_begin = chunk * s.RS, h_end = std::min(g.H, h_begin + s.RS);
       auto slot_of = [](int64_t h) { return ((h % SLOTS) + SLOTS) % SLOTS; };
       // Pixels [w_lo, w_hi) of input row h (any integer) into its ring slot: u, or zeros outside the
       // image. The slot's halo columns are never written, so they stay zero from the allocation.
       auto load_row = [&](int64_t h, int64_t w_lo, int64_t w_hi) {
-        acc_t* dst = ring.data() + slot_of(h) * slot_len + (pl + w_lo) * VL;
-        if (h < 0 || h >= g.H) {
-          for (int64_t j = 0; j < ng; ++j) std::memset(dst + j * ring_plane, 0, (w_hi - w_lo) * VL * sizeof(acc_t));
-          return;
-        }
-        const scalar_t* src = xp + ((n * g.H + h) * W + w_lo) * C + c0;
-        for (int64_t w = w_lo; w < w_hi; ++w, src += C, dst += VL) {
-          for (int64_t j = 0; j < full; ++j) {
-            V v = load_as<acc_t>(src + j * VL);
-            if (affine) {
-              const int64_t l = (g0 + j) * VL;
-              v = Vec::load(&in_sc[l]) * (v - Vec::load(&in_ce[l])) + Vec::load(&in_sh[l]);
-            }
-            Vec::store(dst + j * ring_plane, v);
-          }
-          for (int64_t c = full * VL; c < nc; ++c) {  // the last group of a C that is not a multiple of VL
-            const int64_t l = g0 * VL + c;
-            const acc_t v = static_cast<acc_t>(src[c]);
-            dst[full * ring_plane + c - full * VL] = affine ? in_sc[l] * (v - in_ce[l]) + in_sh[l] : v;
-          }
-        }
+        read_row_groups<scalar_t, acc_t>(g, xp, &laff, n, g0, ng, h, w_lo, w_hi,
+                                         ring.data() + slot_of(h) * slot_len + (pl + w_lo) * VL, ring_plane);
       };
-      // Pixels [w_lo, w_hi) of output row h from its row buffer to y: each pixel's groups are one run.
+      // Pixels [w_lo, w_hi) of output row h from its row buffer to y.
       auto store_row = [&](int64_t h, int64_t w_lo, int64_t w_hi) {
-        scalar_t* dst = yp + ((n * g.H + h) * W + w_lo) * C + c0;
-        const acc_t* src = out.data() + (h & 1) * s.GB * out_plane + w_lo * VL;
-        for (int64_t w = w_lo; w < w_hi; ++w, dst += C, src += VL) {
-          for (int64_t j = 0; j < full; ++j) store_as<acc_t>(dst + j * VL, Vec::load(src + j * out_plane));
-          for (int64_t c = full * VL; c < nc; ++c) dst[c] = static_cast<scalar_t>(src[full * out_plane + c - full * VL]);
-        }
+        write_row_groups<scalar_t, acc_t>(g, yp, n, g0, ng, h, w_lo, w_hi,
+                                          out.data() + (h & 1) * s.GB * out_plane + w_lo * VL, out_plane);
       };
       for (int64_t h = h_begin - pl; h < h_begin - pl + K; ++h) load_row(h, 0, W);
       for (int64_t h = h_begin; h < h_end; ++h) {
@@ -828,11 +887,7 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
           for (int64_t w0 = 0; w0 < W; w0 += WB) {
             V acc[WB];
             for (int a = 0; a < WB; ++a) acc[a] = bv;
-            const acc_t* rw[K];
-            for (int i = 0; i < K; ++i) rw[i] = rows[i] + w0 * VL;
-            sliding_taps<K, WB>(
-                acc, [&](int i, int u) { return Vec::load(rw[i] + u * VL); },
-                [&](int i, int jj) { return Vec::load(wj + (i * K + jj) * VL); });
+            ring_conv_tile<K, acc_t>(acc, rows, w0, wj);
             alignas(64) acc_t t[WB][VL];
             for (int a = 0; a < WB; ++a) Vec::store(t[a], acc[a]);
             acc_t* tt = &t[0][0];
@@ -1153,6 +1208,274 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
   });
 }
 
+// Per-channel coefficients of the backward's  dt = a*(dy - c1 - ghat*c2)*act'(t),  ghat = ((g - mean) - dl)*rstd.
+// From this call's sums (sdy = sum dy, sdyg = sum dy*(g - mean)*rstd, sgc = sum (g - mean) over the M values of
+// the channel): training c1 = mean(dy), c2 = mean(dy*ghat); eval c1 = c2 = 0. `recentre`: dl = sgc/M, the
+// distance of the saved (rounded) mean from the exact mean of g (see backward_impl's pass 1); sdyg is
+// corrected in place to sum(dy*ghat). Under synchronized BN dm holds the global [mean dy, mean dy*ghat, dl*rstd]
+// at stride C (the local sums are then unused).
+template <typename acc_t>
+struct DtCoefs {
+  acc_t a, c1, c2, dl;
+};
+template <typename acc_t>
+DtCoefs<acc_t> dt_coefs(double sdy, double& sdyg, double sgc, int64_t M, acc_t gamma, acc_t rstd, bool batch_stats,
+                        bool recentre, const acc_t* dm, int64_t C) {
+  DtCoefs<acc_t> k;
+  k.a = gamma * rstd;
+  if (dm != nullptr) {
+    k.c1 = dm[0];
+    k.c2 = dm[C];
+    k.dl = rstd != acc_t(0) ? dm[2 * C] / rstd : acc_t(0);  // g units
+    return k;
+  }
+  const double delta = (batch_stats && recentre) ? sgc / static_cast<double>(M) : 0.0;
+  sdyg -= delta * static_cast<double>(rstd) * sdy;
+  k.c1 = batch_stats ? static_cast<acc_t>(sdy / static_cast<double>(M)) : acc_t(0);
+  k.c2 = batch_stats ? static_cast<acc_t>(sdyg / static_cast<double>(M)) : acc_t(0);
+  k.dl = static_cast<acc_t>(delta);
+  return k;
+}
+
+// Pointers of one backward call (the tensors of backward_impl).
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t *dy, *x, *w, *b;
+  const acc_t *gamma, *mean, *rstd;
+  const acc_t* dm;  // synchronized BN's (3, C) global means, or null
+  ChannelAffine<acc_t> aff;
+  bool batch_stats;
+  scalar_t *dx, *dw, *db;
+  acc_t *dgamma, *dbeta, *dscale, *dshift;
+  acc_t* reduce;  // reduce only: the (3, C) local sums [sum dy, sum dy*ghat, sum ghat]; no pass 2
+};
+
+// ---- channels_last backward on rings (k <= 9) --------------------------------------------------------
+// A work item is a block of GB channel groups across the whole batch, so every per-channel reduction runs in
+// one thread in (n, h, w) order, as on the plane path: the result does not depend on the thread count or GB.
+// Rows are read as whole-pixel runs of the block's channels (read_row_groups), never one group at a stride of
+// C elements.
+//   pass 1, per row h: t = b + conv(u ring) into the item's t buffer (N*H*W values per lane); per-image fp32
+//           sums of dy, dy*(g - mean)*rstd and g - mean per lane, added into double at the end of each image.
+//   pass 2, per row r: dt row r (dt_coefs) into a ring of K zero-haloed dt rows; db; dw[i][j] += sum_w dt[r][w]
+//           * u[r - pl + i][w - pl + j] from the u ring, which holds exactly the rows t[r] came from; then
+//           du row h = r - pl = conv(dt rows h - pr .. h + pl, flipped w), and dx = dy + du (times the
+//           input affine's scale, whose gradients take du*(x - center) and du). pl rows past the image close
+//           it with zero dt rows.
+// Per-image fp32 partials then double, in the plane path's order, so the ring and the plane path agree to
+// rounding.
+constexpr int64_t kRingBackwardTBytes = int64_t(64) << 20;  // t buffer of one item, unless one group needs more
+constexpr int kDwTaps = 8;  // dt values per sliding window of the weight gradient (round_up(W, 8) <= ring row)
+
+template <int K, typename scalar_t, typename acc_t, int A>
+void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p) {
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int VL = Vec::N, WB = kRingTile, USLOTS = K + 1;
+  const int64_t G = g.groups, C = g.C, N = g.N, H = g.H, W = g.W, pl = g.pl, pr = K - 1 - pl, M = N * g.HW;
+  const int64_t Wp = round_up(W, WB) + K - 1;
+  const int64_t uplane = USLOTS * Wp * VL, dplane = K * Wp * VL, slot = Wp * VL, rowlen = W * VL;
+  // Channel blocks: two per thread where there are enough groups, within the L2 budget of the rings.
+  // The t buffer (N*H*W values per lane) is the item's other memory; it is streamed, not cache-resident.
+  const int64_t group_bytes = ((USLOTS + K) * Wp + 3 * W) * VL * int64_t(sizeof(acc_t));
+  const int64_t t_bytes = N * g.HW * VL * int64_t(sizeof(acc_t));
+  const int64_t per_thread = (G + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t GB = std::clamp<int64_t>(
+      std::min({per_thread, kRingBufferBytes / group_bytes, kRingBackwardTBytes / std::max<int64_t>(t_bytes, 1)}), 1, G);
+  const int64_t blocks = (G + GB - 1) / GB;
+  const AVec<acc_t> wt = ring_weights<K, acc_t>(g, p.w, false), wflip = ring_weights<K, acc_t>(g, p.w, true);
+  const AVec<acc_t> bias = channel_lanes<acc_t>(g, p.b), mu = channel_lanes<acc_t>(g, p.mean);
+  const AVec<acc_t> rs = channel_lanes<acc_t>(g, p.rstd), ga = channel_lanes<acc_t>(g, p.gamma);
+  const LaneAffine<acc_t> laff(g, p.aff);
+  auto uslot = [](int64_t h) { return ((h % USLOTS) + USLOTS) % USLOTS; };
+  auto dslot = [](int64_t h) { return ((h % K) + K) % K; };
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t g0 = blk * GB, ng = std::min(GB, G - g0), L = ng * VL, l0 = g0 * VL;
+      AVec<acc_t> ur(ng * uplane, acc_t(0)), dr(ng * dplane, acc_t(0)), tb(N * H * ng * rowlen);
+      AVec<acc_t> dyr(ng * rowlen), dxr(ng * rowlen), xr(laff.on ? ng * rowlen : 0);
+      auto load_u = [&](int64_t n, int64_t h, int64_t w_lo, int64_t w_hi) {
+        read_row_groups<scalar_t, acc_t>(g, p.x, &laff, n, g0, ng, h, w_lo, w_hi,
+                                         ur.data() + uslot(h) * slot + (pl + w_lo) * VL, uplane);
+      };
+      auto t_row = [&](int64_t n, int64_t h, int64_t j) { return tb.data() + ((n * H + h) * ng + j) * rowlen; };
+      // Pass 1.
+      std::vector<double> sdy(L, 0.0), sdyg(L, 0.0), sgc(L, 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        AVec<acc_t> p1(L, acc_t(0)), p2(L, acc_t(0)), p3(L, acc_t(0));
+        for (int64_t h = -pl; h < K - pl; ++h) load_u(n, h, 0, W);
+        for (int64_t h = 0; h < H; ++h) {
+          if (!p.dm) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, h, 0, W, dyr.data(), rowlen);
+          for (int64_t j = 0; j < ng; ++j) {
+            const int64_t l = l0 + j * VL;
+            const acc_t* wj = wt.data() + (g0 + j) * K * K * VL;
+            const acc_t* rows[K];
+            for (int i = 0; i < K; ++i) rows[i] = ur.data() + j * uplane + uslot(h - pl + i) * slot;
+            acc_t* tr = t_row(n, h, j);
+            for (int64_t w0 = 0; w0 < W; w0 += WB) {
+              V acc[WB];
+              for (int a = 0; a < WB; ++a) acc[a] = Vec::load(&bias[l]);
+              ring_conv_tile<K, acc_t>(acc, rows, w0, wj);
+              const int nw = static_cast<int>(std::min<int64_t>(WB, W - w0));
+              for (int a = 0; a < nw; ++a) Vec::store(tr + (w0 + a) * VL, acc[a]);
+            }
+            if (!p.dm) {
+              const acc_t* d = dyr.data() + j * rowlen;
+              acc_t *q1 = &p1[j * VL], *q2 = &p2[j * VL], *q3 = &p3[j * VL];
+              for (int64_t w = 0; w < W; ++w)
+                for (int c = 0; c < VL; ++c) {
+                  const acc_t gc = act_forward<A>(tr[w * VL + c]) - mu[l + c];
+                  q1[c] += d[w * VL + c];
+                  q2[c] += d[w * VL + c] * (gc * rs[l + c]);
+                  q3[c] += gc;
+                }
+            }
+            // Slice j of the next input row (see ring_k's SLOTS).
+            if (h + 1 < H) load_u(n, h + K - pl, W * j / ng, W * (j + 1) / ng);
+          }
+        }
+        for (int64_t c = 0; c < L; ++c) {
+          sdy[c] += p1[c];
+          sdyg[c] += p2[c];
+          sgc[c] += p3[c];
+        }
+      }
+      const int64_t nc = std::min(L, C - l0);  // valid channels of the block
+      if (p.reduce) {
+        for (int64_t c = 0; c < nc; ++c) {
+          p.reduce[l0 + c] = static_cast<acc_t>(sdy[c]);
+          p.reduce[C + l0 + c] = static_cast<acc_t>(sdyg[c]);
+          p.reduce[2 * C + l0 + c] = static_cast<acc_t>(sgc[c] * static_cast<double>(rs[l0 + c]));
+        }
+        continue;
+      }
+      AVec<acc_t> af(L, acc_t(0)), c1(L, acc_t(0)), c2(L, acc_t(0)), dl(L, acc_t(0));
+      for (int64_t c = 0; c < nc; ++c) {
+        const DtCoefs<acc_t> k = dt_coefs<acc_t>(sdy[c], sdyg[c], sgc[c], M, ga[l0 + c], rs[l0 + c], p.batch_stats,
+                                                 true, p.dm ? p.dm + l0 + c : nullptr, C);
+        af[c] = k.a;
+        c1[c] = k.c1;
+        c2[c] = k.c2;
+        dl[c] = k.dl;
+      }
+      // Pass 2.
+      std::vector<double> dwacc(L * K * K, 0.0), dbacc(L, 0.0), dscacc(L, 0.0), dshacc(L, 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        AVec<acc_t> pdw(L * K * K, acc_t(0)), pdb(L, acc_t(0)), psc(L, acc_t(0)), psh(L, acc_t(0));
+        for (int64_t j = 0; j < ng; ++j)  // dt rows before the image are zero
+          std::fill(dr.begin() + j * dplane, dr.begin() + (j + 1) * dplane, acc_t(0));
+        for (int64_t h = -pl; h < K - pl; ++h) load_u(n, h, 0, W);
+        for (int64_t r = 0; r < H + pl; ++r) {
+          const bool in = r < H;
+          if (in) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, r, 0, W, dyr.data(), rowlen);
+          for (int64_t j = 0; j < ng; ++j) {
+            acc_t* dt = dr.data() + j * dplane + dslot(r) * slot + pr * VL;  // dt[r][0]
+            if (!in) {
+              std::fill(dt, dt + rowlen, acc_t(0));
+              continue;
+            }
+            const int64_t lj = j * VL;
+            const acc_t* tr = t_row(n, r, j);
+            const acc_t* d = dyr.data() + j * rowlen;
+            acc_t* qb = &pdb[lj];
+            for (int64_t w = 0; w < W; ++w)
+              for (int c = 0; c < VL; ++c) {
+                const acc_t t = tr[w * VL + c];
+                const acc_t gh = ((act_forward<A>(t) - mu[l0 + lj + c]) - dl[lj + c]) * rs[l0 + lj + c];
+                const acc_t v = af[lj + c] * (d[w * VL + c] - c1[lj + c] - gh * c2[lj + c]) * act_backward<A>(t);
+                dt[w * VL + c] = v;
+                qb[c] += v;
+              }
+            // dw[i][jj] += sum_w dt[w] * u_i[w + jj]: a sliding window along the row with the dt values as
+            // its taps (8 at a time), so each u vector is loaded once per 8 dt values instead of once per
+            // FMA (the loads had bounded this loop). dt is zero past W up to the ring row's end.
+            for (int i = 0; i < K; ++i) {
+              const acc_t* u = ur.data() + j * uplane + uslot(r - pl + i) * slot;
+              acc_t* q = &pdw[(j * K * K + i * K) * VL];
+              V acc[K];
+              for (int jj = 0; jj < K; ++jj) acc[jj] = Vec::load(q + jj * VL);
+              for (int64_t w0 = 0; w0 < W; w0 += kDwTaps)
+                sliding_window<1, kDwTaps, K, 1>(
+                    acc, [&](int, int v) { return Vec::load(u + (w0 + v) * VL); },
+                    [&](int, int sx) { return Vec::load(dt + (w0 + sx) * VL); }, [](V a, V d, V v) { return a + d * v; });
+              for (int jj = 0; jj < K; ++jj) Vec::store(q + jj * VL, acc[jj]);
+            }
+            if (r + 1 < H) load_u(n, r + K - pl, W * j / ng, W * (j + 1) / ng);
+          }
+          const int64_t h = r - pl;  // the dx row whose dt rows are all in the ring now
+          if (h < 0) continue;
+          if (pl > 0) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, h, 0, W, dyr.data(), rowlen);
+          if (laff.on) read_row_groups<scalar_t, acc_t>(g, p.x, nullptr, n, g0, ng, h, 0, W, xr.data(), rowlen);
+          for (int64_t j = 0; j < ng; ++j) {
+            const int64_t lj = j * VL, l = l0 + lj;
+            const acc_t* wj = wflip.data() + (g0 + j) * K * K * VL;
+            const acc_t* rows[K];  // dt rows h - pr + i, column 0 of the padded row
+            for (int i = 0; i < K; ++i) rows[i] = dr.data() + j * dplane + dslot(h - pr + i) * slot;
+            const acc_t* d = dyr.data() + j * rowlen;
+            acc_t* o = dxr.data() + j * rowlen;
+            for (int64_t w0 = 0; w0 < W; w0 += WB) {
+              V acc[WB] = {};
+              ring_conv_tile<K, acc_t>(acc, rows, w0, wj);
+              const int nw = static_cast<int>(std::min<int64_t>(WB, W - w0));
+              for (int a = 0; a < nw; ++a) Vec::store(o + (w0 + a) * VL, Vec::load(d + (w0 + a) * VL) + acc[a]);
+            }
+            if (laff.on) {
+              // u = scale*(x - center) + shift:  dx = scale*du,  dscale = sum(du*(x - center)),  dshift = sum(du)
+              const acc_t* xv = xr.data() + j * rowlen;
+              acc_t *qs = &psc[lj], *qh = &psh[lj];
+              for (int64_t w = 0; w < W; ++w)
+                for (int c = 0; c < VL; ++c) {
+                  const acc_t du = o[w * VL + c];
+                  qs[c] += du * (xv[w * VL + c] - laff.ce[l + c]);
+                  qh[c] += du;
+                  o[w * VL + c] = laff.sc[l + c] * du;
+                }
+            }
+          }
+          write_row_groups<scalar_t, acc_t>(g, p.dx, n, g0, ng, h, 0, W, dxr.data(), rowlen);
+        }
+        for (int64_t c = 0; c < L; ++c) {
+          dbacc[c] += pdb[c];
+          dscacc[c] += psc[c];
+          dshacc[c] += psh[c];
+        }
+        for (int64_t e = 0; e < L * K * K; ++e) dwacc[e] += pdw[e];
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t ch = l0 + c, j = c / VL, lane = c % VL;
+        for (int t = 0; t < K * K; ++t) p.dw[ch * K * K + t] = static_cast<scalar_t>(dwacc[(j * K * K + t) * VL + lane]);
+        p.db[ch] = static_cast<scalar_t>(dbacc[c]);
+        if (!p.dm) {
+          p.dgamma[ch] = static_cast<acc_t>(sdyg[c]);
+          p.dbeta[ch] = static_cast<acc_t>(sdy[c]);
+        }
+        if (laff.on) {
+          p.dscale[ch] = static_cast<acc_t>(dscacc[c]);
+          p.dshift[ch] = static_cast<acc_t>(dshacc[c]);
+        }
+      }
+    }
+  });
+}
+
+// The channels_last backward on rings for k <= 9; returns false for larger k (callers take the plane path).
+template <typename scalar_t, typename acc_t, int A>
+bool ring_backward(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p) {
+  auto run = [&](auto KC) { ring_backward_k<decltype(KC)::value, scalar_t, acc_t, A>(g, p); };
+  switch (g.k) {
+    case 1: run(std::integral_constant<int, 1>{}); return true;
+    case 2: run(std::integral_constant<int, 2>{}); return true;
+    case 3: run(std::integral_constant<int, 3>{}); return true;
+    case 4: run(std::integral_constant<int, 4>{}); return true;
+    case 5: run(std::integral_constant<int, 5>{}); return true;
+    case 6: run(std::integral_constant<int, 6>{}); return true;
+    case 7: run(std::integral_constant<int, 7>{}); return true;
+    case 8: run(std::integral_constant<int, 8>{}); return true;
+    case 9: run(std::integral_constant<int, 9>{}); return true;
+    default: return false;
+  }
+}
+
 template <typename scalar_t, bool CL>
 void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_center, const at::Tensor& in_scale,
                    const at::Tensor& in_shift, const at::Tensor& weight, const at::Tensor& bias,
@@ -1189,6 +1512,11 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 
   dispatch_act(act, [&](auto ACT) {
     constexpr int A = decltype(ACT)::value;
+    if constexpr (CL) {
+      const BackwardArgs<scalar_t, acc_t> args{dyp, xp, wp, bp, gp, meanp, rstdp, dmp, affp, batch_stats,
+                                               dxp, dwp, dbp, dgp, dbetap, dscp, dshp, redp};
+      if (ring_backward<scalar_t, acc_t, A>(g, args)) return;
+    }
     at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t, CL> s(g, true);
       AVec<acc_t> dtpad(s.pad.size(), acc_t(0));
@@ -1238,12 +1566,6 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           reduce_lanes<acc_t, CL>(p2, sdyg);
           reduce_lanes<acc_t, CL>(p3, sgc);
         }
-        double delta[VL];
-        for (int l = 0; l < VL; ++l) {
-          const int lc = CL ? l : 0;
-          delta[l] = (batch_stats && !dmp && !redp) ? sgc[lc] / static_cast<double>(M) : 0.0;
-          if (l == lc) sdyg[l] -= delta[l] * static_cast<double>(rs[l]) * sdy[l];
-        }
         if (redp) {
           for (int64_t c = 0; c < cb; ++c) {
             redp[c0 + c] = static_cast<acc_t>(sdy[c]);
@@ -1252,25 +1574,18 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           }
           continue;
         }
-        // dg = gamma*rstd*(dy - c1 - ghat*c2); training: c1 = mean(dy), c2 = mean(dy*ghat) over the
-        // batch (this call's, or the global batch's from dy_means under synchronized BN).
-        // In acc_t, so the lane loop below stays vectorized (double there halved the fused backward's
-        // speed); with few values per channel, where these terms cancel, the training passes run in
-        // double anyway (use_exact_training).
+        // The coefficients in acc_t, so the lane loop below stays vectorized (double there halved the fused
+        // backward's speed); with few values per channel, where these terms cancel, the training passes run
+        // in double anyway (use_exact_training).
         acc_t af[VL], c1f[VL], c2f[VL], dlf[VL];
         for (int l = 0; l < VL; ++l) {
-          const int lc = CL ? l : 0;
-          af[l] = ga[l] * rs[l];
-          c1f[l] = batch_stats ? static_cast<acc_t>(sdy[lc] / static_cast<double>(M)) : acc_t(0);
-          c2f[l] = batch_stats ? static_cast<acc_t>(sdyg[lc] / static_cast<double>(M)) : acc_t(0);
-          dlf[l] = static_cast<acc_t>(delta[l]);
-        }
-        if (dmp) {
-          const auto m1 = group_lanes<acc_t, CL>(g, dmp, group), m2 = group_lanes<acc_t, CL>(g, dmp + g.C, group);
-          const auto m3 = group_lanes<acc_t, CL>(g, dmp + 2 * g.C, group);
-          std::copy(m1.begin(), m1.end(), c1f);
-          std::copy(m2.begin(), m2.end(), c2f);
-          for (int l = 0; l < VL; ++l) dlf[l] = rs[l] != acc_t(0) ? m3[l] / rs[l] : acc_t(0);  // g units
+          if (!CL && l > 0) {  // NCHW: every lane is the plane's channel
+            af[l] = af[0], c1f[l] = c1f[0], c2f[l] = c2f[0], dlf[l] = dlf[0];
+            continue;
+          }
+          const DtCoefs<acc_t> k = dt_coefs<acc_t>(sdy[l], sdyg[l], sgc[l], M, ga[l], rs[l], batch_stats, true,
+                                                   dmp && c0 + l < g.C ? dmp + c0 + l : nullptr, g.C);
+          af[l] = k.a, c1f[l] = k.c1, c2f[l] = k.c2, dlf[l] = k.dl;
         }
 
         // Pass 2: dt, db, dw, dx.
@@ -1381,7 +1696,7 @@ at::Tensor dense_grad_output(const char* op, const at::Tensor& dy_in, const at::
   return dy_in.contiguous(is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// The (2, C) per-channel means [mean dy, mean dy*ghat] of a synchronized BN, or empty.
+// The (3, C) per-channel [mean dy, mean dy*ghat, mean ghat] of a synchronized BN, or empty.
 void check_dy_means(const at::Tensor& dy_means, bool batch_stats, int64_t C, at::ScalarType acc) {
   if (dy_means.numel() == 0) return;
   TORCH_CHECK(batch_stats, "dw_block_backward: dy_means is only meaningful with batch statistics");
