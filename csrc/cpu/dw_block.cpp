@@ -75,6 +75,24 @@ constexpr int64_t kMaxLoadGroups = kEvalGroups;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Calls f(std::integral_constant<int, K>{}) for the runtime k when 1 <= k <= 9 (the kernel sizes with
+// compile-time kernels: K is a template parameter of their register tiles) and returns true; false otherwise.
+template <typename F>
+bool dispatch_k(int64_t k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 7: f(std::integral_constant<int, 7>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    case 9: f(std::integral_constant<int, 9>{}); return true;
+    default: return false;
+  }
+}
+
 // Geometry shared by every plane of one call.
 struct PlaneGeom {
   int64_t N, C, H, W, HW, k, pl;
@@ -422,18 +440,7 @@ void conv_tiles_k(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const a
 // Calls conv_tiles_k<K> for the runtime k; returns false for k > 9 (callers take the plane path).
 template <typename acc_t, bool CL, typename Emit>
 bool conv_tiles(const PlaneGeom& g, const acc_t* buf, const acc_t* wt, const acc_t* bias, Emit&& emit) {
-  switch (g.k) {
-    case 1: conv_tiles_k<1, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 2: conv_tiles_k<2, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 3: conv_tiles_k<3, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 4: conv_tiles_k<4, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 5: conv_tiles_k<5, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 6: conv_tiles_k<6, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 7: conv_tiles_k<7, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 8: conv_tiles_k<8, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    case 9: conv_tiles_k<9, acc_t, CL>(g, buf, wt, bias, emit); return true;
-    default: return false;
-  }
+  return dispatch_k(g.k, [&](auto KC) { conv_tiles_k<decltype(KC)::value, acc_t, CL>(g, buf, wt, bias, emit); });
 }
 
 // Tile emitter that stores the conv output into a dense H x W x CB plane.
@@ -597,18 +604,8 @@ void conv_tiles_pairs_k(const PlaneGeom& g, const Bf16Pairs* buf, const Bf16Pair
 // conv_tiles with pair dots; k <= 9 only (see use_pair_dots).
 template <typename Emit>
 void conv_tiles_pairs(const PlaneGeom& g, const Bf16Pairs* buf, const Bf16Pairs* wt, const float* bias, Emit&& emit) {
-  switch (g.k) {
-    case 1: return conv_tiles_pairs_k<1>(g, buf, wt, bias, emit);
-    case 2: return conv_tiles_pairs_k<2>(g, buf, wt, bias, emit);
-    case 3: return conv_tiles_pairs_k<3>(g, buf, wt, bias, emit);
-    case 4: return conv_tiles_pairs_k<4>(g, buf, wt, bias, emit);
-    case 5: return conv_tiles_pairs_k<5>(g, buf, wt, bias, emit);
-    case 6: return conv_tiles_pairs_k<6>(g, buf, wt, bias, emit);
-    case 7: return conv_tiles_pairs_k<7>(g, buf, wt, bias, emit);
-    case 8: return conv_tiles_pairs_k<8>(g, buf, wt, bias, emit);
-    case 9: return conv_tiles_pairs_k<9>(g, buf, wt, bias, emit);
-    default: TORCH_INTERNAL_ASSERT(false, "conv_tiles_pairs: k = ", g.k);
-  }
+  const bool done = dispatch_k(g.k, [&](auto KC) { conv_tiles_pairs_k<decltype(KC)::value>(g, buf, wt, bias, emit); });
+  TORCH_INTERNAL_ASSERT(done, "conv_tiles_pairs: k = ", g.k);
 }
 
 // part[tap][c] += sum_{h,w} dt[h][w][c] * xpad[h+i][w+j][c]: the depthwise weight gradient of one
@@ -671,18 +668,9 @@ void weight_grad_plane_generic(const PlaneGeom& g, const acc_t* dtpad, int64_t p
 
 template <typename acc_t, bool CL>
 void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const acc_t* xpad, double* dwacc) {
-  switch (g.k) {
-    case 1: return weight_grad_plane_k<1, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 2: return weight_grad_plane_k<2, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 3: return weight_grad_plane_k<3, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 4: return weight_grad_plane_k<4, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 5: return weight_grad_plane_k<5, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 6: return weight_grad_plane_k<6, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 7: return weight_grad_plane_k<7, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 8: return weight_grad_plane_k<8, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    case 9: return weight_grad_plane_k<9, acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-    default: return weight_grad_plane_generic<acc_t, CL>(g, dtpad, pr, xpad, dwacc);
-  }
+  const bool done =
+      dispatch_k(g.k, [&](auto KC) { weight_grad_plane_k<decltype(KC)::value, acc_t, CL>(g, dtpad, pr, xpad, dwacc); });
+  if (!done) weight_grad_plane_generic<acc_t, CL>(g, dtpad, pr, xpad, dwacc);
 }
 
 // ---- channels_last eval: a ring of padded input rows, whole pixels ------------------------------------
@@ -929,21 +917,9 @@ template <RingOut OUT, typename scalar_t, typename acc_t, int A>
 bool ring_pass(const PlaneGeom& g, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp, const acc_t* scalep,
                const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp, acc_t* row_stats) {
   const RingGeom s = make_ring_geom<acc_t>(g);
-  auto run = [&](auto KC) {
+  return dispatch_k(g.k, [&](auto KC) {
     ring_k<decltype(KC)::value, OUT, scalar_t, acc_t, A>(g, s, xp, wp, bp, scalep, shiftp, affp, yp, row_stats);
-  };
-  switch (g.k) {
-    case 1: run(std::integral_constant<int, 1>{}); return true;
-    case 2: run(std::integral_constant<int, 2>{}); return true;
-    case 3: run(std::integral_constant<int, 3>{}); return true;
-    case 4: run(std::integral_constant<int, 4>{}); return true;
-    case 5: run(std::integral_constant<int, 5>{}); return true;
-    case 6: run(std::integral_constant<int, 6>{}); return true;
-    case 7: run(std::integral_constant<int, 7>{}); return true;
-    case 8: run(std::integral_constant<int, 8>{}); return true;
-    case 9: run(std::integral_constant<int, 9>{}); return true;
-    default: return false;
-  }
+  });
 }
 
 // Per-thread working memory, allocated once per parallel chunk (zeroed once: halos and lane padding
@@ -1461,19 +1437,7 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
 // The channels_last backward on rings for k <= 9; returns false for larger k (callers take the plane path).
 template <typename scalar_t, typename acc_t, int A>
 bool ring_backward(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p) {
-  auto run = [&](auto KC) { ring_backward_k<decltype(KC)::value, scalar_t, acc_t, A>(g, p); };
-  switch (g.k) {
-    case 1: run(std::integral_constant<int, 1>{}); return true;
-    case 2: run(std::integral_constant<int, 2>{}); return true;
-    case 3: run(std::integral_constant<int, 3>{}); return true;
-    case 4: run(std::integral_constant<int, 4>{}); return true;
-    case 5: run(std::integral_constant<int, 5>{}); return true;
-    case 6: run(std::integral_constant<int, 6>{}); return true;
-    case 7: run(std::integral_constant<int, 7>{}); return true;
-    case 8: run(std::integral_constant<int, 8>{}); return true;
-    case 9: run(std::integral_constant<int, 9>{}); return true;
-    default: return false;
-  }
+  return dispatch_k(g.k, [&](auto KC) { ring_backward_k<decltype(KC)::value, scalar_t, acc_t, A>(g, p); });
 }
 
 template <typename scalar_t, bool CL>
