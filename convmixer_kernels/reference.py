@@ -93,9 +93,24 @@ def dw_block_reference(x, weight, bias, gamma, beta, running_mean=None, running_
     return x + batch_norm(g, gamma, beta, running_mean, running_var, num_batches_tracked, training, momentum, eps)
 
 
+def patch_conv(x, weight, bias, patch):
+    """F.conv2d(x, weight, bias, stride=patch) for a patch x patch kernel, as the matmul it is: each output
+    pixel is one non-overlapping patch (cin*p*p values, trailing rows/columns dropped) dotted with a filter.
+    Not F.conv2d itself: PyTorch 2.14.1's CPU bf16 convolution returns uninitialized memory for cin = 3,
+    kernel = stride = 2 and one output column (NaN or garbage, varying run to run; found by the fuzz,
+    tests/test_fuzz.py), and the same-dtype PyTorch run is the yardstick of the numerics rule."""
+    N, cin, H, W = x.shape
+    Ho, Wo = H // patch, W // patch
+    patches = (x[:, :, :Ho * patch, :Wo * patch].reshape(N, cin, Ho, patch, Wo, patch)
+               .permute(0, 2, 4, 1, 3, 5).reshape(N, Ho, Wo, cin * patch * patch))
+    t = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (N, Ho, Wo, C)
+    return t.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last if x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
+
+
 def conv_act_bn_reference(x, weight, bias, gamma, beta, running_mean=None, running_var=None,
                           num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5, act="gelu", patch=1):
     """BN(act(Conv(x, kernel=patch, stride=patch) + b)): the pointwise block (patch=1) or the stem."""
-    t = F.conv2d(x, weight, bias, stride=patch)
+    t = F.conv2d(x, weight, bias) if patch == 1 else patch_conv(x, weight, bias, patch)
     g = act_fn(t, act)
     return batch_norm(g, gamma, beta, running_mean, running_var, num_batches_tracked, training, momentum, eps)

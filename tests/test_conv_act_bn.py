@@ -27,6 +27,27 @@ def test_stem(patch, HW, layout, training):
     run_block("stem", x, make_block_params("stem", 10, cin=3, patch=patch), training, "gelu", patch=patch, steps=2)
 
 
+@pytest.mark.parametrize("shape,patch", (((17, 3, 16, 3), 2), ((2, 5, 9, 10), 3), ((3, 4, 7, 7), 7)))
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_reference_patch_conv_is_the_strided_conv(shape, patch, channels_last):
+    """The reference stem's patch_conv (a matmul over patches, which keeps the numerics rule's yardstick
+    off PyTorch 2.14.1's broken bf16 CPU conv for cin=3, k=s=2, one output column) is F.conv2d with
+    stride = kernel, values and gradients, in float64."""
+    from convmixer_kernels.reference import patch_conv
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(6, shape[1], patch, patch, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    want, got = torch.nn.functional.conv2d(x, w, b, stride=patch), patch_conv(x, w, b, patch)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    dy = torch.randn_like(want)
+    for g, h in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
+        torch.testing.assert_close(g, h, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("save_t", (True, False))
 @pytest.mark.parametrize("patch", (1, 2))
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -199,7 +199,14 @@ def median_rule_holds(case, backend="cpu"):
 
 
 # Shrunk counterexamples found by the fuzz (each once failed; kept so they keep passing).
-REGRESSIONS = []
+REGRESSIONS = [
+    # CI, stop 24: PyTorch's own bf16 stem conv (the rule's yardstick) returned NaN for cin=3, k=s=2, Wo=1;
+    # the reference stem now goes through reference.patch_conv.
+    {'kind': 'stem', 'N': 17, 'C': 48, 'cin': 3, 'H': 16, 'W': 3, 'k': 2, 'patch': 2, 'training': True,
+     'track': True, 'dtype': 'bfloat16', 'layout': 'channels_last', 'act': 'gelu', 'momentum': None,
+     'affine': True, 'x_offset': 0.0, 'x_scale': 0.1, 'gamma_scale': 1.0, 'var_scale': 0.001, 'steps': 2,
+     'seed': 591},
+]
 
 
 @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: f"{c['kind']}-{c['dtype']}-{c['layout']}-s{c['seed']}")
