@@ -76,7 +76,9 @@ inline acc_t g_as_stored(acc_t t, at::ScalarType g_dtype) {
       default: return g;
     }
   } else {
-    return g_dtype == at::ScalarType::Undefined ? g_value<scalar_t, A, false>(t) : g_value<scalar_t, A, true>(t);
+    // act once, then the select: as two g_value calls GCC evaluated act twice (a division and an exp each).
+    const acc_t g = act_forward<A>(t);
+    return g_dtype == at::ScalarType::Undefined ? g : static_cast<acc_t>(static_cast<scalar_t>(g));
   }
 }
 
