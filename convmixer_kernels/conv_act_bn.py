@@ -60,6 +60,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, gamma, mean, rstd, t)
     ctx.batch_stats, ctx.act, ctx.patch, ctx.apply_bn, ctx.backend = batch_stats, act, patch, apply_bn, backend
     ctx.mark_non_differentiable(t, batch_var)
+    # Undefined output grads stay None: materialized, t's would be a zero-filled tensor as large as y
+    # on every backward (3.5 ms per pointwise layer at ConvMixer-256/8, batch 64, fresh pages).
+    ctx.set_materialize_grads(False)
     if apply_bn or not batch_stats:
         ctx.mark_non_differentiable(batch_mean, batch_rstd)
     # else: g's batch mean and rstd feed the next block's input affine, so gradients flow back through them.
