@@ -57,6 +57,27 @@ struct Aligned64 {
 };
 template <typename T>
 using AVec = std::vector<T, Aligned64<T>>;
+// The same, but AVecU<T> v(n) leaves the values uninitialized (default-init): for large buffers that are
+// written in full before they are read, where a zero fill would be a wasted pass over memory.
+template <typename T>
+struct Aligned64Uninit : Aligned64<T> {
+  template <typename U>
+  struct rebind {
+    using other = Aligned64Uninit<U>;
+  };
+  Aligned64Uninit() = default;
+  template <typename U>
+  Aligned64Uninit(const Aligned64Uninit<U>&) {}
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0)
+      ::new (static_cast<void*>(p)) U;
+    else
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using AVecU = std::vector<T, Aligned64Uninit<T>>;
 
 // Tile shape per layout: NCHW vectorizes along w (8 rows x VL), channels_last along c (8 pixels x VL
 // channels): 8 independent accumulators cover the FMA latency, ~1.1 vector loads per FMA.
@@ -737,24 +758,30 @@ struct LaneAffine {
 // tensor, into dst laid out [group][col][lane] (group stride `stride`; dst is column w_lo of group g0):
 // through the lane affine when one is given (null or off: the values as they are), zeros for a row outside
 // the image. A pixel's ng groups are one run of memory, read together (whole pixels: the hardware
-// prefetchers stream the row).
+// prefetchers stream the row). raw (optional, same layout as dst): the values before the affine too, so a
+// caller that needs both reads the row once.
 template <typename scalar_t, typename acc_t>
 void read_row_groups(const PlaneGeom& g, const scalar_t* src, const LaneAffine<acc_t>* aff, int64_t n, int64_t g0,
-                     int64_t ng, int64_t h, int64_t w_lo, int64_t w_hi, acc_t* dst, int64_t stride) {
+                     int64_t ng, int64_t h, int64_t w_lo, int64_t w_hi, acc_t* dst, int64_t stride,
+                     acc_t* raw = nullptr) {
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
   constexpr int VL = Vec::N;
   if (h < 0 || h >= g.H) {
-    for (int64_t j = 0; j < ng; ++j) std::memset(dst + j * stride, 0, (w_hi - w_lo) * VL * sizeof(acc_t));
+    for (int64_t j = 0; j < ng; ++j) {
+      std::memset(dst + j * stride, 0, (w_hi - w_lo) * VL * sizeof(acc_t));
+      if (raw) std::memset(raw + j * stride, 0, (w_hi - w_lo) * VL * sizeof(acc_t));
+    }
     return;
   }
   const int64_t C = g.C, c0 = g0 * VL;
   const int64_t nc = std::min(ng * VL, C - c0), full = nc / VL;  // valid channels; groups all valid
   const bool affine = aff != nullptr && aff->on;
   src += ((n * g.H + h) * g.W + w_lo) * C + c0;
-  for (int64_t w = w_lo; w < w_hi; ++w, src += C, dst += VL) {
+  for (int64_t w = w_lo; w < w_hi; ++w, src += C, dst += VL, raw += raw ? VL : 0) {
     for (int64_t j = 0; j < full; ++j) {
       V v = load_as<acc_t>(src + j * VL);
+      if (raw) Vec::store(raw + j * stride, v);
       if (affine) {
         const int64_t l = (g0 + j) * VL;
         v = Vec::load(&aff->sc[l]) * (v - Vec::load(&aff->ce[l])) + Vec::load(&aff->sh[l]);
@@ -764,6 +791,7 @@ void read_row_groups(const PlaneGeom& g, const scalar_t* src, const LaneAffine<a
     for (int64_t c = full * VL; c < nc; ++c) {  // the last group of a C that is not a multiple of VL
       const int64_t l = g0 * VL + c;
       const acc_t v = static_cast<acc_t>(src[c]);
+      if (raw) raw[full * stride + c - full * VL] = v;
       dst[full * stride + c - full * VL] = affine ? aff->sc[l] * (v - aff->ce[l]) + aff->sh[l] : v;
     }
   }
@@ -1237,7 +1265,8 @@ struct BackwardArgs {
 //           * u[r - pl + i][w - pl + j] from the u ring, which holds exactly the rows t[r] came from; then
 //           du row h = r - pl = conv(dt rows h - pr .. h + pl, flipped w), and dx = dy + du (times the
 //           input affine's scale, whose gradients take du*(x - center) and du). pl rows past the image close
-//           it with zero dt rows.
+//           it with zero dt rows. dy rows wait in a ring of pl + 1 for their dx row, and with an input affine
+//           the raw x rows ride in a ring beside u's: pass 2 reads x and dy once each.
 // Per-image fp32 partials then double, in the plane path's order, so the ring and the plane path agree to
 // rounding.
 constexpr int64_t kRingBackwardTBytes = int64_t(64) << 20;  // t buffer of one item, unless one group needs more
@@ -1253,7 +1282,9 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
   const int64_t uplane = USLOTS * Wp * VL, dplane = K * Wp * VL, slot = Wp * VL, rowlen = W * VL;
   // Channel blocks: two per thread where there are enough groups, within the L2 budget of the rings.
   // The t buffer (N*H*W values per lane) is the item's other memory; it is streamed, not cache-resident.
-  const int64_t group_bytes = ((USLOTS + K) * Wp + 3 * W) * VL * int64_t(sizeof(acc_t));
+  const LaneAffine<acc_t> laff(g, p.aff);
+  const int64_t DYSLOTS = pl + 1, xslots = laff.on ? USLOTS : 0;
+  const int64_t group_bytes = ((USLOTS + xslots + K) * Wp + (DYSLOTS + 1) * W) * VL * int64_t(sizeof(acc_t));
   const int64_t t_bytes = N * g.HW * VL * int64_t(sizeof(acc_t));
   const int64_t per_thread = (G + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
   const int64_t GB = std::clamp<int64_t>(
@@ -1262,18 +1293,21 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
   const AVec<acc_t> wt = ring_weights<K, acc_t>(g, p.w, false), wflip = ring_weights<K, acc_t>(g, p.w, true);
   const AVec<acc_t> bias = channel_lanes<acc_t>(g, p.b), mu = channel_lanes<acc_t>(g, p.mean);
   const AVec<acc_t> rs = channel_lanes<acc_t>(g, p.rstd), ga = channel_lanes<acc_t>(g, p.gamma);
-  const LaneAffine<acc_t> laff(g, p.aff);
   auto uslot = [](int64_t h) { return ((h % USLOTS) + USLOTS) % USLOTS; };
   auto dslot = [](int64_t h) { return ((h % K) + K) % K; };
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t g0 = blk * GB, ng = std::min(GB, G - g0), L = ng * VL, l0 = g0 * VL;
-      AVec<acc_t> ur(ng * uplane, acc_t(0)), dr(ng * dplane, acc_t(0)), tb(N * H * ng * rowlen);
-      AVec<acc_t> dyr(ng * rowlen), dxr(ng * rowlen), xr(laff.on ? ng * rowlen : 0);
-      auto load_u = [&](int64_t n, int64_t h, int64_t w_lo, int64_t w_hi) {
-        read_row_groups<scalar_t, acc_t>(g, p.x, &laff, n, g0, ng, h, w_lo, w_hi,
-                                         ur.data() + uslot(h) * slot + (pl + w_lo) * VL, uplane);
+      AVec<acc_t> ur(ng * uplane, acc_t(0)), xring(laff.on ? ng * uplane : 0, acc_t(0)), dr(ng * dplane, acc_t(0));
+      AVecU<acc_t> tb(N * H * ng * rowlen);  // written in full by pass 1
+      AVec<acc_t> dyr(DYSLOTS * ng * rowlen), dxr(ng * rowlen);
+      // with_raw: the raw x rows into xring too (pass 2 with an input affine; pass 1 needs only u).
+      auto load_u = [&](int64_t n, int64_t h, int64_t w_lo, int64_t w_hi, bool with_raw = false) {
+        const int64_t o = uslot(h) * slot + (pl + w_lo) * VL;
+        read_row_groups<scalar_t, acc_t>(g, p.x, &laff, n, g0, ng, h, w_lo, w_hi, ur.data() + o, uplane,
+                                         with_raw ? xring.data() + o : nullptr);
       };
+      auto dy_row = [&](int64_t h) { return dyr.data() + (h % DYSLOTS) * ng * rowlen; };
       auto t_row = [&](int64_t n, int64_t h, int64_t j) { return tb.data() + ((n * H + h) * ng + j) * rowlen; };
       // Pass 1.
       std::vector<double> sdy(L, 0.0), sdyg(L, 0.0), sgc(L, 0.0);
@@ -1340,10 +1374,10 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
         AVec<acc_t> pdw(L * K * K, acc_t(0)), pdb(L, acc_t(0)), psc(L, acc_t(0)), psh(L, acc_t(0));
         for (int64_t j = 0; j < ng; ++j)  // dt rows before the image are zero
           std::fill(dr.begin() + j * dplane, dr.begin() + (j + 1) * dplane, acc_t(0));
-        for (int64_t h = -pl; h < K - pl; ++h) load_u(n, h, 0, W);
+        for (int64_t h = -pl; h < K - pl; ++h) load_u(n, h, 0, W, laff.on);
         for (int64_t r = 0; r < H + pl; ++r) {
           const bool in = r < H;
-          if (in) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, r, 0, W, dyr.data(), rowlen);
+          if (in) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, r, 0, W, dy_row(r), rowlen);
           for (int64_t j = 0; j < ng; ++j) {
             acc_t* dt = dr.data() + j * dplane + dslot(r) * slot + pr * VL;  // dt[r][0]
             if (!in) {
@@ -1352,7 +1386,7 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             }
             const int64_t lj = j * VL;
             const acc_t* tr = t_row(n, r, j);
-            const acc_t* d = dyr.data() + j * rowlen;
+            const acc_t* d = dy_row(r) + j * rowlen;
             acc_t* qb = &pdb[lj];
             for (int64_t w = 0; w < W; ++w)
               for (int c = 0; c < VL; ++c) {
@@ -1376,18 +1410,18 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
                     [&](int, int sx) { return Vec::load(dt + (w0 + sx) * VL); }, [](V a, V d, V v) { return a + d * v; });
               for (int jj = 0; jj < K; ++jj) Vec::store(q + jj * VL, acc[jj]);
             }
-            if (r + 1 < H) load_u(n, r + K - pl, W * j / ng, W * (j + 1) / ng);
+            if (r + 1 < H) load_u(n, r + K - pl, W * j / ng, W * (j + 1) / ng, laff.on);
           }
-          const int64_t h = r - pl;  // the dx row whose dt rows are all in the ring now
+          // The dx row whose dt rows are all in the ring now. Its u (and raw x) row is too: the loads above
+          // filled row r + K - pl, whose slot held row h - 1.
+          const int64_t h = r - pl;
           if (h < 0) continue;
-          if (pl > 0) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, h, 0, W, dyr.data(), rowlen);
-          if (laff.on) read_row_groups<scalar_t, acc_t>(g, p.x, nullptr, n, g0, ng, h, 0, W, xr.data(), rowlen);
           for (int64_t j = 0; j < ng; ++j) {
             const int64_t lj = j * VL, l = l0 + lj;
             const acc_t* wj = wflip.data() + (g0 + j) * K * K * VL;
             const acc_t* rows[K];  // dt rows h - pr + i, column 0 of the padded row
             for (int i = 0; i < K; ++i) rows[i] = dr.data() + j * dplane + dslot(h - pr + i) * slot;
-            const acc_t* d = dyr.data() + j * rowlen;
+            const acc_t* d = dy_row(h) + j * rowlen;
             acc_t* o = dxr.data() + j * rowlen;
             for (int64_t w0 = 0; w0 < W; w0 += WB) {
               V acc[WB] = {};
@@ -1397,7 +1431,7 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             }
             if (laff.on) {
               // u = scale*(x - center) + shift:  dx = scale*du,  dscale = sum(du*(x - center)),  dshift = sum(du)
-              const acc_t* xv = xr.data() + j * rowlen;
+              const acc_t* xv = xring.data() + j * uplane + uslot(h) * slot + pl * VL;
               acc_t *qs = &psc[lj], *qh = &psh[lj];
               for (int64_t w = 0; w < W; ++w)
                 for (int c = 0; c < VL; ++c) {
