@@ -1120,9 +1120,13 @@ def _variant_colors(variants: List[str]) -> Dict[str, tuple]:
 
 
 def plot_speedups(results: List[Result], path: str, title: str = ""):
-    """One panel per case (and dtype): for each mode, a bar per variant, speed-up vs eager NCHW."""
+    """One panel per case (and dtype): for each mode, a bar per variant, speed-up vs eager NCHW. None (and
+    a log line) when --variants left out eager_nchw: there is then no bar to draw."""
     plt = _plt()
     if plt is None:
+        return None
+    if not any(_base_ms(rs) for rs in _groups(results).values()):
+        _log("[bench] speed-up plot skipped: no eager_nchw result to take the speed-ups against")
         return None
     cases: Dict[tuple, Dict[str, List[Result]]] = {}
     for (case, dt, mode), rs in _groups(results).items():

@@ -98,6 +98,18 @@ def test_plots_written(tiny_run):
         assert p.exists() and p.stat().st_size > 10_000, name
 
 
+def test_speedup_plot_without_its_baseline_is_skipped(tmp_path, capsys):
+    # --variants without eager_nchw: no speed-up to plot (it raised from matplotlib's legend before)
+    pytest.importorskip("matplotlib")
+    results = [benchmark.Result(case="c", mode="train", variant=v, median_ms=ms, dtype="fp32")
+               for v, ms in (("eager_channels_last", 2.0), ("fused_cpu", 1.0))]
+    assert benchmark.plot_speedups(results, str(tmp_path / "s.png")) is None
+    assert not (tmp_path / "s.png").exists()
+    assert "speed-up plot skipped" in capsys.readouterr().out
+    results.append(benchmark.Result(case="c", mode="train", variant="eager_nchw", median_ms=3.0, dtype="fp32"))
+    assert benchmark.plot_speedups(results, str(tmp_path / "s.png")) == str(tmp_path / "s.png")
+
+
 def test_make_results_renders(tiny_run):
     text = _make_results().report(str(tiny_run / "bench_cpu.csv"))
     assert "### Per-op microbenchmarks" in text and "### Layer and whole models" in text
