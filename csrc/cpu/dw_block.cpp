@@ -844,9 +844,10 @@ inline void ring_conv_tile(typename Simd<acc_t>::V (&acc)[kRingTile], const acc_
 enum class RingOut { kApply, kRowStats };
 
 // kApply: y = u + scale*act(t) + shift with per-channel scale, shift (C values each).
-// kRowStats: no output; row_stats[(n*H + h)][0|1][lane] = mean and M2 of g over the W pixels of output row
-// h of image n, per channel lane (groups*VL lanes). Each row's pair comes from that row alone (the row is in
-// the row buffer: two passes over it), so the statistics do not depend on the work split.
+// kRowStats: row_stats[(n*H + h)][0|1][lane] = mean and M2 of g over the W pixels of output row h of image n,
+// per channel lane (groups*VL lanes), and g itself into yp when yp is given (null: no output). Each row's pair
+// comes from that row alone (the row is in the row buffer: two passes over it), so the statistics do not
+// depend on the work split.
 template <int K, RingOut OUT, typename scalar_t, typename acc_t, int A>
 void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
             const acc_t* scalep, const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp,
@@ -855,6 +856,7 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
   using V = typename Vec::V;
   constexpr int VL = Vec::N, WB = kRingTile;
   constexpr bool apply = OUT == RingOut::kApply;
+  const bool emit = apply || yp != nullptr;  // rows go out to yp (kRowStats: g)
   const int64_t G = g.groups, pl = g.pl, W = g.W, Wp = s.Wp;
   // Weights [group][tap][lane]; bias, BN scale/shift and the input affine per lane.
   const AVec<acc_t> wt = ring_weights<K, acc_t>(g, wp, false);
@@ -890,7 +892,7 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
       };
       for (int64_t h = h_begin - pl; h < h_begin - pl + K; ++h) load_row(h, 0, W);
       for (int64_t h = h_begin; h < h_end; ++h) {
-        const bool load_next = h + 1 < h_end, store_prev = apply && h > h_begin;
+        const bool load_next = h + 1 < h_end, store_prev = emit && h > h_begin;
         for (int64_t j = 0; j < ng; ++j) {
           const int64_t l0 = (g0 + j) * VL;
           const acc_t* wj = wt.data() + (g0 + j) * K * K * VL;
@@ -935,7 +937,7 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
           if (store_prev) store_row(h - 1, w_lo, w_hi);
         }
       }
-      if (apply) store_row(h_end - 1, 0, W);
+      if (emit) store_row(h_end - 1, 0, W);
     }
   });
 }
@@ -947,6 +949,33 @@ bool ring_pass(const PlaneGeom& g, const scalar_t* xp, const scalar_t* wp, const
   const RingGeom s = make_ring_geom<acc_t>(g);
   return dispatch_k(g.k, [&](auto KC) {
     ring_k<decltype(KC)::value, OUT, scalar_t, acc_t, A>(g, s, xp, wp, bp, scalep, shiftp, affp, yp, row_stats);
+  });
+}
+
+// The training forward's BN apply in channels_last when pass 1 left g in y (acc_t outputs): y = u + scale*y + shift
+// in place, u = x through the input affine when there is one, the same expressions as the ring's apply.
+template <typename acc_t>
+void apply_bn_over_g(const PlaneGeom& g, const acc_t* xp, const ChannelAffine<acc_t>& aff, const acc_t* scale,
+                     const acc_t* shift, acc_t* yp) {
+  using Vec = Simd<acc_t>;
+  using V = typename Vec::V;
+  constexpr int VL = Vec::N;
+  const int64_t C = g.C, P = g.N * g.HW, full = C / VL * VL;
+  at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const acc_t* x = xp + p * C;
+      acc_t* y = yp + p * C;
+      for (int64_t c = 0; c < full; c += VL) {
+        V u = Vec::load(x + c);
+        if (aff.scale) u = Vec::load(aff.scale + c) * (u - Vec::load(aff.center + c)) + Vec::load(aff.shift + c);
+        Vec::store(y + c, u + Vec::load(scale + c) * Vec::load(y + c) + Vec::load(shift + c));
+      }
+      for (int64_t c = full; c < C; ++c) {
+        acc_t u = x[c];
+        if (aff.scale) u = aff.scale[c] * (u - aff.center[c]) + aff.shift[c];
+        y[c] = u + scale[c] * y[c] + shift[c];
+      }
+    }
   });
 }
 
@@ -1129,8 +1158,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
       if (g.k <= 9) {
         const int64_t lanes = g.groups * VL, rows = g.N * g.H;
         AVec<acc_t> row_stats(rows * 2 * lanes);
-        ring_pass<RingOut::kRowStats, scalar_t, acc_t, A>(g, xp, wp, bp, nullptr, nullptr, affp, nullptr,
-                                                          row_stats.data());
+        // Where y holds acc_t, pass 1 also leaves g in it, and the apply is one elementwise pass instead of a
+        // second conv pass (a bf16 y would round g before the BN scale: that one recomputes g).
+        constexpr bool g_in_y = std::is_same_v<scalar_t, acc_t>;
+        ring_pass<RingOut::kRowStats, scalar_t, acc_t, A>(g, xp, wp, bp, nullptr, nullptr, affp,
+                                                          g_in_y ? yp : nullptr, row_stats.data());
         std::vector<Welford<double>> st(lanes);
         at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
           for (int64_t r = 0; r < rows; ++r) {
@@ -1149,7 +1181,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
           sh[c] = static_cast<acc_t>(betap[c] - st[c].mean * sc[c]);
         }
         if (stats_only) return;
-        ring_pass<RingOut::kApply, scalar_t, acc_t, A>(g, xp, wp, bp, sc.data(), sh.data(), affp, yp, nullptr);
+        if constexpr (g_in_y)
+          apply_bn_over_g<acc_t>(g, reinterpret_cast<const acc_t*>(xp), affp, sc.data(), sh.data(),
+                                 reinterpret_cast<acc_t*>(yp));
+        else
+          ring_pass<RingOut::kApply, scalar_t, acc_t, A>(g, xp, wp, bp, sc.data(), sh.data(), affp, yp, nullptr);
         return;
       }
     }
