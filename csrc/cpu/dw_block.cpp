@@ -1304,7 +1304,8 @@ struct BackwardArgs {
 //           it with zero dt rows. dy rows wait in a ring of pl + 1 for their dx row, and with an input affine
 //           the raw x rows ride in a ring beside u's: pass 2 reads x and dy once each.
 // Per-image fp32 partials then double, in the plane path's order, so the ring and the plane path agree to
-// rounding.
+// rounding. GELU: pass 1 keeps g = act(t) and act'(t) (two buffers) instead of t, so pass 2 evaluates no
+// activation (it is compute-bound: its act and act' were ~30% of the kernel); ReLU's are a compare, t is kept.
 constexpr int64_t kRingBackwardTBytes = int64_t(64) << 20;  // t buffer of one item, unless one group needs more
 constexpr int kDwTaps = 8;  // dt values per sliding window of the weight gradient (round_up(W, 8) <= ring row)
 
@@ -1321,7 +1322,8 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
   const LaneAffine<acc_t> laff(g, p.aff);
   const int64_t DYSLOTS = pl + 1, xslots = laff.on ? USLOTS : 0;
   const int64_t group_bytes = ((USLOTS + xslots + K) * Wp + (DYSLOTS + 1) * W) * VL * int64_t(sizeof(acc_t));
-  const int64_t t_bytes = N * g.HW * VL * int64_t(sizeof(acc_t));
+  constexpr bool kKeepGrad = A != kRelu;  // pass 1 leaves g and act'(t) for pass 2 (see above)
+  const int64_t t_bytes = (kKeepGrad ? 2 : 1) * N * g.HW * VL * int64_t(sizeof(acc_t));
   const int64_t per_thread = (G + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
   const int64_t GB = std::clamp<int64_t>(
       std::min({per_thread, kRingBufferBytes / group_bytes, kRingBackwardTBytes / std::max<int64_t>(t_bytes, 1)}), 1, G);
@@ -1335,7 +1337,7 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t g0 = blk * GB, ng = std::min(GB, G - g0), L = ng * VL, l0 = g0 * VL;
       AVec<acc_t> ur(ng * uplane, acc_t(0)), xring(laff.on ? ng * uplane : 0, acc_t(0)), dr(ng * dplane, acc_t(0));
-      AVecU<acc_t> tb(N * H * ng * rowlen);  // written in full by pass 1
+      AVecU<acc_t> tb(N * H * ng * rowlen), gb(kKeepGrad ? N * H * ng * rowlen : 0);  // written in full by pass 1
       AVec<acc_t> dyr(DYSLOTS * ng * rowlen), dxr(ng * rowlen);
       // with_raw: the raw x rows into xring too (pass 2 with an input affine; pass 1 needs only u).
       auto load_u = [&](int64_t n, int64_t h, int64_t w_lo, int64_t w_hi, bool with_raw = false) {
@@ -1344,7 +1346,9 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
                                          with_raw ? xring.data() + o : nullptr);
       };
       auto dy_row = [&](int64_t h) { return dyr.data() + (h % DYSLOTS) * ng * rowlen; };
+      // t (ReLU) or g (GELU) of row h, group j; and act'(t) beside it (GELU)
       auto t_row = [&](int64_t n, int64_t h, int64_t j) { return tb.data() + ((n * H + h) * ng + j) * rowlen; };
+      auto dact_row = [&](int64_t n, int64_t h, int64_t j) { return gb.data() + ((n * H + h) * ng + j) * rowlen; };
       // Pass 1.
       std::vector<double> sdy(L, 0.0), sdyg(L, 0.0), sgc(L, 0.0);
       for (int64_t n = 0; n < N; ++n) {
@@ -1365,12 +1369,21 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
               const int nw = static_cast<int>(std::min<int64_t>(WB, W - w0));
               for (int a = 0; a < nw; ++a) Vec::store(tr + (w0 + a) * VL, acc[a]);
             }
+            if constexpr (kKeepGrad) {
+              acc_t* da = dact_row(n, h, j);
+              for (int64_t e = 0; e < rowlen; ++e) {
+                const acc_t t = tr[e];
+                tr[e] = act_forward<A>(t);
+                da[e] = act_backward<A>(t);
+              }
+            }
             if (!p.dm) {
               const acc_t* d = dyr.data() + j * rowlen;
               acc_t *q1 = &p1[j * VL], *q2 = &p2[j * VL], *q3 = &p3[j * VL];
               for (int64_t w = 0; w < W; ++w)
                 for (int c = 0; c < VL; ++c) {
-                  const acc_t gc = act_forward<A>(tr[w * VL + c]) - mu[l + c];
+                  const acc_t gv = kKeepGrad ? tr[w * VL + c] : act_forward<A>(tr[w * VL + c]);
+                  const acc_t gc = gv - mu[l + c];
                   q1[c] += d[w * VL + c];
                   q2[c] += d[w * VL + c] * (gc * rs[l + c]);
                   q3[c] += gc;
@@ -1422,13 +1435,16 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             }
             const int64_t lj = j * VL;
             const acc_t* tr = t_row(n, r, j);
+            const acc_t* da = kKeepGrad ? dact_row(n, r, j) : nullptr;
             const acc_t* d = dy_row(r) + j * rowlen;
             acc_t* qb = &pdb[lj];
             for (int64_t w = 0; w < W; ++w)
               for (int c = 0; c < VL; ++c) {
                 const acc_t t = tr[w * VL + c];
-                const acc_t gh = ((act_forward<A>(t) - mu[l0 + lj + c]) - dl[lj + c]) * rs[l0 + lj + c];
-                const acc_t v = af[lj + c] * (d[w * VL + c] - c1[lj + c] - gh * c2[lj + c]) * act_backward<A>(t);
+                const acc_t gv = kKeepGrad ? t : act_forward<A>(t);
+                const acc_t dact = kKeepGrad ? da[w * VL + c] : act_backward<A>(t);
+                const acc_t gh = ((gv - mu[l0 + lj + c]) - dl[lj + c]) * rs[l0 + lj + c];
+                const acc_t v = af[lj + c] * (d[w * VL + c] - c1[lj + c] - gh * c2[lj + c]) * dact;
                 dt[w * VL + c] = v;
                 qb[c] += v;
               }
