@@ -845,18 +845,18 @@ enum class RingOut { kApply, kRowStats };
 
 // kApply: y = u + scale*act(t) + shift with per-channel scale, shift (C values each).
 // kRowStats: row_stats[(n*H + h)][0|1][lane] = mean and M2 of g over the W pixels of output row h of image n,
-// per channel lane (groups*VL lanes), and g itself into yp when yp is given (null: no output). Each row's pair
-// comes from that row alone (the row is in the row buffer: two passes over it), so the statistics do not
-// depend on the work split.
+// per channel lane (groups*VL lanes), and g itself (in acc_t, channels_last like y) into g_out when given.
+// Each row's pair comes from that row alone (the row is in the row buffer: two passes over it), so the
+// statistics do not depend on the work split.
 template <int K, RingOut OUT, typename scalar_t, typename acc_t, int A>
 void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
             const acc_t* scalep, const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp,
-            acc_t* row_stats) {
+            acc_t* row_stats, acc_t* g_out) {
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
   constexpr int VL = Vec::N, WB = kRingTile;
   constexpr bool apply = OUT == RingOut::kApply;
-  const bool emit = apply || yp != nullptr;  // rows go out to yp (kRowStats: g)
+  const bool emit = apply || g_out != nullptr;  // rows go out: y (kApply) or g (kRowStats)
   const int64_t G = g.groups, pl = g.pl, W = g.W, Wp = s.Wp;
   // Weights [group][tap][lane]; bias, BN scale/shift and the input affine per lane.
   const AVec<acc_t> wt = ring_weights<K, acc_t>(g, wp, false);
@@ -885,10 +885,13 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
         read_row_groups<scalar_t, acc_t>(g, xp, &laff, n, g0, ng, h, w_lo, w_hi,
                                          ring.data() + slot_of(h) * slot_len + (pl + w_lo) * VL, ring_plane);
       };
-      // Pixels [w_lo, w_hi) of output row h from its row buffer to y.
+      // Pixels [w_lo, w_hi) of output row h from its row buffer to y (or g_out).
       auto store_row = [&](int64_t h, int64_t w_lo, int64_t w_hi) {
-        write_row_groups<scalar_t, acc_t>(g, yp, n, g0, ng, h, w_lo, w_hi,
-                                          out.data() + (h & 1) * s.GB * out_plane + w_lo * VL, out_plane);
+        const acc_t* src = out.data() + (h & 1) * s.GB * out_plane + w_lo * VL;
+        if constexpr (apply)
+          write_row_groups<scalar_t, acc_t>(g, yp, n, g0, ng, h, w_lo, w_hi, src, out_plane);
+        else
+          write_row_groups<acc_t, acc_t>(g, g_out, n, g0, ng, h, w_lo, w_hi, src, out_plane);
       };
       for (int64_t h = h_begin - pl; h < h_begin - pl + K; ++h) load_row(h, 0, W);
       for (int64_t h = h_begin; h < h_end; ++h) {
@@ -945,35 +948,39 @@ void ring_k(const PlaneGeom& g, const RingGeom& s, const scalar_t* xp, const sca
 // A channels_last ring pass for k <= 9; returns false for larger k (callers take the plane path).
 template <RingOut OUT, typename scalar_t, typename acc_t, int A>
 bool ring_pass(const PlaneGeom& g, const scalar_t* xp, const scalar_t* wp, const scalar_t* bp, const acc_t* scalep,
-               const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp, acc_t* row_stats) {
+               const acc_t* shiftp, const ChannelAffine<acc_t>& affp, scalar_t* yp, acc_t* row_stats,
+               acc_t* g_out = nullptr) {
   const RingGeom s = make_ring_geom<acc_t>(g);
   return dispatch_k(g.k, [&](auto KC) {
-    ring_k<decltype(KC)::value, OUT, scalar_t, acc_t, A>(g, s, xp, wp, bp, scalep, shiftp, affp, yp, row_stats);
+    ring_k<decltype(KC)::value, OUT, scalar_t, acc_t, A>(g, s, xp, wp, bp, scalep, shiftp, affp, yp, row_stats,
+                                                         g_out);
   });
 }
 
-// The training forward's BN apply in channels_last when pass 1 left g in y (acc_t outputs): y = u + scale*y + shift
-// in place, u = x through the input affine when there is one, the same expressions as the ring's apply.
-template <typename acc_t>
-void apply_bn_over_g(const PlaneGeom& g, const acc_t* xp, const ChannelAffine<acc_t>& aff, const acc_t* scale,
-                     const acc_t* shift, acc_t* yp) {
+// The training forward's BN apply in channels_last from the g that pass 1 left (acc_t; for an acc_t y, y
+// itself): y = u + scale*g + shift, u = x through the input affine when there is one, the same expressions
+// and the same rounding of y as the ring's apply.
+template <typename scalar_t, typename acc_t>
+void apply_bn_over_g(const PlaneGeom& g, const scalar_t* xp, const ChannelAffine<acc_t>& aff, const acc_t* scale,
+                     const acc_t* shift, const acc_t* gp, scalar_t* yp) {
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
   constexpr int VL = Vec::N;
   const int64_t C = g.C, P = g.N * g.HW, full = C / VL * VL;
   at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const acc_t* x = xp + p * C;
-      acc_t* y = yp + p * C;
+      const scalar_t* x = xp + p * C;
+      const acc_t* gv = gp + p * C;
+      scalar_t* y = yp + p * C;
       for (int64_t c = 0; c < full; c += VL) {
-        V u = Vec::load(x + c);
+        V u = load_as<acc_t>(x + c);
         if (aff.scale) u = Vec::load(aff.scale + c) * (u - Vec::load(aff.center + c)) + Vec::load(aff.shift + c);
-        Vec::store(y + c, u + Vec::load(scale + c) * Vec::load(y + c) + Vec::load(shift + c));
+        store_as<acc_t>(y + c, u + Vec::load(scale + c) * Vec::load(gv + c) + Vec::load(shift + c));
       }
       for (int64_t c = full; c < C; ++c) {
-        acc_t u = x[c];
+        acc_t u = static_cast<acc_t>(x[c]);
         if (aff.scale) u = aff.scale[c] * (u - aff.center[c]) + aff.shift[c];
-        y[c] = u + scale[c] * y[c] + shift[c];
+        y[c] = static_cast<scalar_t>(u + scale[c] * gv[c] + shift[c]);
       }
     }
   });
@@ -1158,11 +1165,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
       if (g.k <= 9) {
         const int64_t lanes = g.groups * VL, rows = g.N * g.H;
         AVec<acc_t> row_stats(rows * 2 * lanes);
-        // Where y holds acc_t, pass 1 also leaves g in it, and the apply is one elementwise pass instead of a
-        // second conv pass (a bf16 y would round g before the BN scale: that one recomputes g).
+        // Pass 1 also leaves g (in acc_t: in y itself where y is acc_t, else in a scratch as large as y in
+        // acc_t), and the apply is one elementwise pass instead of a second conv pass.
         constexpr bool g_in_y = std::is_same_v<scalar_t, acc_t>;
-        ring_pass<RingOut::kRowStats, scalar_t, acc_t, A>(g, xp, wp, bp, nullptr, nullptr, affp,
-                                                          g_in_y ? yp : nullptr, row_stats.data());
+        AVecU<acc_t> g_scratch(g_in_y || stats_only ? 0 : M * g.C);
+        acc_t* g_keep = stats_only ? nullptr : g_in_y ? reinterpret_cast<acc_t*>(yp) : g_scratch.data();
+        ring_pass<RingOut::kRowStats, scalar_t, acc_t, A>(g, xp, wp, bp, nullptr, nullptr, affp, nullptr,
+                                                          row_stats.data(), g_keep);
         std::vector<Welford<double>> st(lanes);
         at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
           for (int64_t r = 0; r < rows; ++r) {
@@ -1181,11 +1190,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
           sh[c] = static_cast<acc_t>(betap[c] - st[c].mean * sc[c]);
         }
         if (stats_only) return;
-        if constexpr (g_in_y)
-          apply_bn_over_g<acc_t>(g, reinterpret_cast<const acc_t*>(xp), affp, sc.data(), sh.data(),
-                                 reinterpret_cast<acc_t*>(yp));
-        else
-          ring_pass<RingOut::kApply, scalar_t, acc_t, A>(g, xp, wp, bp, sc.data(), sh.data(), affp, yp, nullptr);
+        apply_bn_over_g<scalar_t, acc_t>(g, xp, affp, sc.data(), sh.data(), g_keep, yp);
         return;
       }
     }
