@@ -1158,10 +1158,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& in_center, const at::Te
 
     const int64_t M = g.N * g.HW;
     if constexpr (CL) {
-      // Training in channels_last, k <= 9: two ring passes (ring_k), each reading x once as a stream. Pass 1
-      // gives every output row's mean and M2 of g; they are merged here per channel in row order (Chan, in
-      // double: the same result for any thread count); pass 2 applies the BN. The plane path below read each
-      // channel group of x with a stride of C elements three times (conv, and the apply's gather and scatter).
+      // Training in channels_last, k <= 9: one ring pass (ring_k) reading x once as a stream gives g and every
+      // output row's mean and M2 of g; those are merged here per channel in row order (Chan, in double: the
+      // same result for any thread count); an elementwise pass then applies the BN to the kept g. The plane
+      // path below read each channel group of x with a stride of C elements three times (conv, and the
+      // apply's gather and scatter).
       if (g.k <= 9) {
         const int64_t lanes = g.groups * VL, rows = g.N * g.H;
         AVec<acc_t> row_stats(rows * 2 * lanes);
@@ -1455,7 +1456,8 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
               }
             // dw[i][jj] += sum_w dt[w] * u_i[w + jj]: a sliding window along the row with the dt values as
             // its taps (8 at a time), so each u vector is loaded once per 8 dt values instead of once per
-            // FMA (the loads had bounded this loop). dt is zero past W up to the ring row's end.
+            // FMA (meant to relieve the loads; no time change was measurable when it came in). dt is zero past W
+            // up to the ring row's end.
             for (int i = 0; i < K; ++i) {
               const acc_t* u = ur.data() + j * uplane + uslot(r - pl + i) * slot;
               acc_t* q = &pdw[(j * K * K + i * K) * VL];
