@@ -9,7 +9,8 @@ import convmixer_kernels as ck
 from convmixer_kernels.conv_act_bn import FusedConvActBN
 from convmixer_kernels.dw_block import FusedDepthwiseBlock
 from convmixer_kernels.reference import ConvMixerPaper, Residual
-from numerics import check_rule, known_accuracy_issue, randomize_bn
+from convmixer_kernels.numerics import rule
+from numerics import check_rule, randomize_bn
 
 timm = pytest.importorskip("timm")
 
@@ -63,10 +64,12 @@ def test_outputs_gradients_and_sgd_step_match(name, training):
     ref = copy.deepcopy(orig).double()
     assert conv.training == training
     x = torch.randn(shape)
-    models = {"same": orig, "fused": conv, "ref": ref}
+    cl = copy.deepcopy(orig).to(memory_format=torch.channels_last)  # a second fp32 PyTorch run, for the buffers
+    models = {"same": orig, "fused": conv, "ref": ref, "cl": cl}
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
     for step in range(2):
-        ys = {k: m(x.double() if k == "ref" else x) for k, m in models.items()}
+        inputs = {"ref": x.double(), "cl": x.contiguous(memory_format=torch.channels_last)}
+        ys = {k: m(inputs.get(k, x)) for k, m in models.items()}
         check_rule(f"step {step} output", ys["fused"], ys["same"], ys["ref"], torch.float32)
         for y in ys.values():
             y.square().mean().backward()
@@ -80,12 +83,23 @@ def test_outputs_gradients_and_sgd_step_match(name, training):
             o.zero_grad()
         flat = {k: torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for k, m in models.items()}
         check_rule(f"step {step} parameters", flat["fused"], flat["same"], flat["ref"], torch.float32)
+        # The running statistics, per buffer. 32 layers deep after an SGD step (timm's model: 4 images of
+        # 8x8 after the stem, 256 values per BN channel) the per-buffer rule compares noise: eager PyTorch
+        # in channels_last, judged against eager NCHW as the yardstick, fails it on 0-6 of the 130 statistics buffers
+        # (worst 3.6x; five seeds, benchmarks/buffer_noise_deep.py). So there the fused model may fail it on no more
+        # buffers than that second PyTorch run does; the shallow paper model must pass it on every buffer.
         bufs = {k: dict(m.named_buffers()) for k, m in models.items()}
-        # timm's model trains on 4 images of 8x8 after the stem: 256 values per BN channel, 32 layers deep
-        with known_accuracy_issue(name == "timm" and training):
-            for n in bufs["ref"]:
-                check_rule(f"step {step} buffer {n}", bufs["fused"][n], bufs["same"][n], bufs["ref"][n],
-                           torch.float32)
+        stats = [n for n in bufs["ref"] if not n.endswith("num_batches_tracked")]
+        failing = {}
+        for who in ("fused", "cl"):
+            checks = [rule(f"step {step} buffer {n}", bufs[who][n], bufs["same"][n], bufs["ref"][n], torch.float32)
+                      for n in stats]
+            failing[who] = [str(c) for c in checks if not c.ok]
+        allowed = len(failing["cl"]) if name == "timm" else 0
+        assert len(failing["fused"]) <= allowed, "\n".join(failing["fused"] + ["eager channels_last:"] + failing["cl"])
+        counts = {k: [b.item() for n, b in m.named_buffers() if n.endswith("num_batches_tracked")]
+                  for k, m in models.items()}
+        assert counts["fused"] == counts["ref"], "num_batches_tracked"
 
 
 def test_inplace_and_idempotent():
