@@ -83,7 +83,7 @@ using AVecU = std::vector<T, Aligned64Uninit<T>>;
 // channels): 8 independent accumulators cover the FMA latency, ~1.1 vector loads per FMA.
 template <typename acc_t, bool CL>
 struct TileShape {
-  static constexpr int VL = 64 / sizeof(acc_t);
+  static constexpr int VL = Simd<acc_t>::N;
   static constexpr int CB = CL ? VL : 1;
   static constexpr int RB = CL ? 1 : 8;
   static constexpr int WB = CL ? 8 : VL;
@@ -556,7 +556,7 @@ bool use_pair_dots(const PlaneGeom& g) {
 template <typename scalar_t>
 void load_pair_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n, int64_t group0, int64_t ng,
                              int64_t off, Bf16Pairs* buf, int64_t buf_stride, const InputAffine<float>* aff) {
-  constexpr int CB = 16;
+  constexpr int CB = Simd<float>::N;
   TORCH_INTERNAL_ASSERT(ng <= kMaxLoadGroups);
   const int64_t c0 = group0 * CB;
   const int64_t nc = std::min<int64_t>(ng * CB, g.C - c0);
@@ -565,10 +565,10 @@ void load_pair_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n,
   for (int64_t h = 0; h < g.H; ++h) {
     const scalar_t* s = src + elem_offset<true>(g, n, c0, h * g.W);
     Bf16Pairs* row = buf + (h + off) * g.buf_w + off;  // position off + w of the row
-    Bf16x16 prev[kMaxLoadGroups] = {};
+    Bf16Vec prev[kMaxLoadGroups] = {};
     for (int64_t w = 0; w <= g.W; ++w) {
       for (int64_t j = 0; j < ng; ++j) {
-        Bf16x16 cur = {};
+        Bf16Vec cur = {};
         if (w < g.W) {
           const scalar_t* px = s + w * g.C + j * CB;
           const int64_t valid = std::min<int64_t>(CB, nc - j * CB);  // lanes past C stay zero
@@ -593,7 +593,7 @@ void load_pair_padded_groups(const PlaneGeom& g, const scalar_t* src, int64_t n,
 // Per-group pair weights [i][p][lane] (see above), lanes beyond C and the tap past an odd k zero.
 template <typename scalar_t>
 std::vector<Bf16Pairs> group_pair_weights(const PlaneGeom& g, const scalar_t* w, int64_t group) {
-  constexpr int CB = 16;
+  constexpr int CB = Simd<float>::N;
   const int64_t k = g.k, np = (k + 1) / 2;
   std::vector<Bf16Pairs> out(k * np, Bf16Pairs{});
   for (int64_t c = 0; c < CB && group * CB + c < g.C; ++c)
@@ -704,11 +704,12 @@ void weight_grad_plane(const PlaneGeom& g, const acc_t* dtpad, int64_t pr, const
 // unless a ring would not fit in L2). Going down the rows, each new input row is read once, sequentially
 // (whole pixels: the hardware prefetchers stream it), into a ring of k zero-haloed rows laid out
 // [group][slot][col][lane] (64-byte aligned: no vector load splits a cache line); each group's output row
-// is computed in tiles of 16 pixels (16 independent accumulators: the FMA latency times two ports, with
-// margin), and the row goes out to y sequentially from a blocked row buffer. x is read once (plus k-1 halo
+// is computed in tiles of kRingTile pixels (16 independent accumulators with AVX-512's 32 registers: the
+// FMA latency times two ports, with margin; 8 with AVX2's 16, which the taps' weights and the input share),
+// and the row goes out to y sequentially from a blocked row buffer. x is read once (plus k-1 halo
 // rows per item) and y written once, both as streams.
 constexpr int64_t kRingBufferBytes = int64_t(1) << 20;
-constexpr int kRingTile = 16;  // pixels per register tile
+constexpr int kRingTile = kVecBytes == 64 ? 16 : 8;  // pixels per register tile
 
 // Work split of one call.
 struct RingGeom {
