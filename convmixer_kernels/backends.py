@@ -134,7 +134,8 @@ def available_backends() -> dict:
         b = _load(name)
         why = "built" if b is not None else _REASONS[name]
         if name == "cpu" and b is not None:
-            why += "; GEMMs: " + importlib.import_module("convmixer_kernels._C").cpu_gemm_library()
+            ext = importlib.import_module("convmixer_kernels._C")
+            why += f"; {ext.cpu_vector_bytes()}-byte vectors; GEMMs: " + ext.cpu_gemm_library()
         out[name] = (b is not None, why)
     return out
 

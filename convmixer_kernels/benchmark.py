@@ -526,6 +526,13 @@ def _do_bench(fn: Callable, setup: Optional[Callable], grads, device: str, rep_m
 
 # --- ceilings and the roofline floor ----------------------------------------------------------------
 
+def _onednn_bf16_native() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16): the test the C++ backend makes
+    (csrc/cpu/onednn_gemm.cpp, onednn_bf16_native) before it runs a bf16 GEMM in bf16 rather than fp32."""
+    caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 def measure_ceilings(device: str, dtypes: List[str], tiny: bool = False) -> dict:
     """The ceilings the floors are counted against, measured here (see the module docstring):
     {copy_gbs, gemm_gflops: {dtype: GFLOP/s}, fma_gflops (None if unmeasured), fma_source[, fma_error]}."""
@@ -552,16 +559,22 @@ def measure_ceilings(device: str, dtypes: List[str], tiny: bool = False) -> dict
     # The CPU's GEMM ceiling is oneDNN's matmul, the library its blocks use (torch.mm is MKL there,
     # about 0.7x oneDNN's rate on this machine's ConvMixer shapes: benchmarks/RESULTS.md).
     onednn = device == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+    out["gemm_source"] = "oneDNN matmul (mkldnn::_linear_pointwise)" if onednn else "torch.mm"
     for d in dict.fromkeys(list(dtypes) + ([] if device == "cuda" else ["fp32"])):
-        a = torch.randn(m, k, device=device).to(DTYPES[d])
-        b = torch.randn(k, n, device=device).to(DTYPES[d])
+        dt = DTYPES[d]
+        if onednn and dt == torch.bfloat16 and not _onednn_bf16_native():
+            # No native bf16 matmul (no AVX512_BF16/AMX: oneDNN cannot create a bf16 inner product); the CPU
+            # blocks then run their bf16 GEMMs in fp32 (cpu_gemm_library), so fp32 is the ceiling.
+            dt = torch.float32
+            out["gemm_source"] += "; bf16 measured in fp32 (no native bf16 matmul on this CPU)"
+        a = torch.randn(m, k, device=device).to(dt)
+        b = torch.randn(k, n, device=device).to(dt)
         if onednn:
             bt = b.t().contiguous()
             out["gemm_gflops"][d] = 2 * m * k * n / ms(
                 lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")) / 1e6
         else:
             out["gemm_gflops"][d] = 2 * m * k * n / ms(lambda: torch.mm(a, b)) / 1e6
-    out["gemm_source"] = "oneDNN matmul (mkldnn::_linear_pointwise)" if onednn else "torch.mm"
     a = b = None
     if device == "cuda":
         try:

@@ -5,6 +5,7 @@
 #include "cpu/conv_act_bn.h"
 #include "cpu/dw_block.h"
 #include "cpu/fma_peak.h"
+#include "cpu/simd.h"
 #include "cpu/onednn_gemm.h"
 
 #include "cuda/launchers.h"
@@ -26,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_gemm_library", &cmk::cpu::gemm_library, "the library the CPU backend's GEMMs run in, and why");
   m.def("cpu_fma_peak_gflops", &cmk::cpu::fma_peak_gflops, "fp32 FMA peak of this machine over the torch threads",
         pybind11::arg("iters") = 20000000);
+  m.def("cpu_vector_bytes", [] { return cmk::cpu::kVecBytes; },
+        "width of the CPU kernels' SIMD vectors in this build: 64 (AVX-512 target) or 32");
   m.def("cpu_bf16_pair_dots_built", &cmk::cpu::bf16_pair_dots_built,
         "whether this build has the AVX512_BF16 pair dots of the bf16 depthwise eval block");
   m.def("cpu_bf16_pair_dots", [] { return cmk::cpu::bf16_pair_dots_built() && cmk::cpu::bf16_pair_dots_flag(); },

@@ -61,3 +61,17 @@ def test_check_extension_rejects_unstamped_build():
         __file__ = "_C.so"
     with pytest.raises(ImportError, match="no source stamp"):
         _build_stamp.check_extension(Unstamped())
+
+
+def test_cpu_vectors_match_the_build_machine():
+    """A build for this machine (the default -march=native) uses vectors as wide as its registers: 64 bytes with
+    AVX-512, 32 without. 64-byte vectors on an AVX2 target compiled to code ~10x under the FMA peak."""
+    ext = _built_extension()
+    if os.environ.get("CONVMIXER_CPU_ARCH", "native") != "native":
+        pytest.skip("built for CONVMIXER_CPU_ARCH, not for this machine")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no x86 /proc/cpuinfo flags on this system")
+    assert ext.cpu_vector_bytes() == (64 if "avx512f" in flags else 32)
