@@ -87,7 +87,7 @@ def test_outputs_gradients_and_sgd_step_match(name, training):
         # 8x8 after the stem, 256 values per BN channel) the per-buffer rule compares noise: eager PyTorch
         # in channels_last, judged against eager NCHW as the yardstick, fails it on 0-6 of the 130 statistics buffers
         # (worst 3.6x; five seeds, benchmarks/buffer_noise_deep.py). So there the fused model may fail it on no more
-        # buffers than that second PyTorch run does; the shallow paper model must pass it on every buffer.
+        # buffers than that second PyTorch run does; in eval, and the shallow paper model, on none.
         bufs = {k: dict(m.named_buffers()) for k, m in models.items()}
         stats = [n for n in bufs["ref"] if not n.endswith("num_batches_tracked")]
         failing = {}
@@ -95,7 +95,7 @@ def test_outputs_gradients_and_sgd_step_match(name, training):
             checks = [rule(f"step {step} buffer {n}", bufs[who][n], bufs["same"][n], bufs["ref"][n], torch.float32)
                       for n in stats]
             failing[who] = [str(c) for c in checks if not c.ok]
-        allowed = len(failing["cl"]) if name == "timm" else 0
+        allowed = len(failing["cl"]) if name == "timm" and training else 0
         assert len(failing["fused"]) <= allowed, "\n".join(failing["fused"] + ["eager channels_last:"] + failing["cl"])
         counts = {k: [b.item() for n, b in m.named_buffers() if n.endswith("num_batches_tracked")]
                   for k, m in models.items()}
