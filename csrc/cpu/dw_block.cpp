@@ -1,10 +1,10 @@
 // Fused depthwise block on the CPU:  y = x + gamma * (act(dwconv_k(x) + b) - mean) * rstd + beta.
 //
 // Work unit: a "plane" = one image n and one channel group (1 channel in NCHW, CB channels in
-// channels_last, CB = one 64-byte vector of the accumulation type). A plane is copied once into a
-// zero-padded buffer in the accumulation type (fp32 for fp32/bf16/fp16, fp64 for fp64), so the
-// conv's inner loops are branch-free and compiler-vectorized: along w in NCHW, along c in
-// channels_last. Outputs are register tiles of RB rows x WB columns x CB channels.
+// channels_last, CB = one SIMD vector of the accumulation type: kVecBytes, 64 bytes with AVX-512, 32
+// without). A plane is copied once into a zero-padded buffer in the accumulation type (fp32 for
+// fp32/bf16/fp16, fp64 for fp64), so the conv's inner loops are branch-free and compiler-vectorized:
+// along w in NCHW, along c in channels_last. Outputs are register tiles of RB rows x WB columns x CB channels.
 //
 // Training threads own whole channel groups across the batch, so the per-channel statistics are
 // complete inside one thread: no cross-thread merge, and t (or dt) stays in a per-thread scratch of
@@ -36,7 +36,7 @@ namespace cmk {
 namespace cpu {
 namespace {
 
-// Scratch vectors 64-byte aligned: a pixel's 64-byte channel vector (channels_last) then never splits a
+// Scratch vectors 64-byte aligned: a pixel's channel vector (channels_last, kVecBytes) then never splits a
 // cache line; std::allocator gives 16 bytes, so every vector load of a padded plane used to be a split load.
 template <typename T>
 struct Aligned64 {
@@ -418,7 +418,7 @@ inline void sliding_taps(V (&acc)[NACC], LoadIn in, LoadW wgt) {
 
 // out[h][w][c] = bias[c] + sum_{i,j} wt[i*k+j][c] * buf[h+i][w+j][c]   (cross-correlation)
 // for h < H, w < W; out is dense H x W x CB. channels_last: the accumulators are WB consecutive
-// pixels of one 64-byte channel vector, the window slides along w (o = i, s = j). NCHW: they are RB
+// pixels of one channel vector (kVecBytes), the window slides along w (o = i, s = j). NCHW: they are RB
 // consecutive rows of one vector along w, the window slides down the rows (o = j, s = i) with the
 // weight broadcast. K is a template parameter (1..9 cover ConvMixer); other k take the generic loop.
 template <int K, typename acc_t, bool CL, typename Emit>
@@ -755,16 +755,30 @@ struct LaneAffine {
   }
 };
 
+// act(t) (or act'(t) with BACKWARD) of every lane of one vector, by the scalar formulas of block_math.h.
+// For the loops that run over whole vectors: written per element inside them, GCC vectorized those loops
+// across pixels instead, through lane permutes and spills (the backward's per-pixel sums ran ~5x slower).
+template <int A, bool BACKWARD, typename acc_t>
+inline typename Simd<acc_t>::V act_lanes(typename Simd<acc_t>::V t) {
+  alignas(kVecBytes) acc_t v[Simd<acc_t>::N];
+  Simd<acc_t>::store(v, t);
+  for (int c = 0; c < Simd<acc_t>::N; ++c) v[c] = BACKWARD ? act_backward<A>(v[c]) : act_forward<A>(v[c]);
+  return Simd<acc_t>::load(v);
+}
+
 // Pixels [w_lo, w_hi) of row h (any integer) of image n, channel groups [g0, g0 + ng) of a channels_last
 // tensor, into dst laid out [group][col][lane] (group stride `stride`; dst is column w_lo of group g0):
 // through the lane affine when one is given (null or off: the values as they are), zeros for a row outside
 // the image. A pixel's ng groups are one run of memory, read together (whole pixels: the hardware
 // prefetchers stream the row). raw (optional, same layout as dst): the values before the affine too, so a
-// caller that needs both reads the row once.
+// caller that needs both reads the row once. prefetch_next: software-prefetch the same pixels of row h + 1
+// as each pixel is read. The backward's row loops stalled on these loads (a run of the block's channels per
+// pixel at a stride of C elements, while its t buffers stream through the cache); with the prefetch its CPU
+// time fell 20-40% (benchmarks/RESULTS.md). The forward's rings measured no difference and do not use it.
 template <typename scalar_t, typename acc_t>
 void read_row_groups(const PlaneGeom& g, const scalar_t* src, const LaneAffine<acc_t>* aff, int64_t n, int64_t g0,
                      int64_t ng, int64_t h, int64_t w_lo, int64_t w_hi, acc_t* dst, int64_t stride,
-                     acc_t* raw = nullptr) {
+                     acc_t* raw = nullptr, bool prefetch_next = false) {
   using Vec = Simd<acc_t>;
   using V = typename Vec::V;
   constexpr int VL = Vec::N;
@@ -779,7 +793,12 @@ void read_row_groups(const PlaneGeom& g, const scalar_t* src, const LaneAffine<a
   const int64_t nc = std::min(ng * VL, C - c0), full = nc / VL;  // valid channels; groups all valid
   const bool affine = aff != nullptr && aff->on;
   src += ((n * g.H + h) * g.W + w_lo) * C + c0;
+  const bool prefetch = prefetch_next && h + 1 < g.H;
+  const int64_t next_row = g.W * C, run_bytes = nc * int64_t(sizeof(scalar_t));
   for (int64_t w = w_lo; w < w_hi; ++w, src += C, dst += VL, raw += raw ? VL : 0) {
+    if (prefetch)
+      for (int64_t b = 0; b < run_bytes + 63; b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(src + next_row) + b);
     for (int64_t j = 0; j < full; ++j) {
       V v = load_as<acc_t>(src + j * VL);
       if (raw) Vec::store(raw + j * stride, v);
@@ -1350,7 +1369,7 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
       auto load_u = [&](int64_t n, int64_t h, int64_t w_lo, int64_t w_hi, bool with_raw = false) {
         const int64_t o = uslot(h) * slot + (pl + w_lo) * VL;
         read_row_groups<scalar_t, acc_t>(g, p.x, &laff, n, g0, ng, h, w_lo, w_hi, ur.data() + o, uplane,
-                                         with_raw ? xring.data() + o : nullptr);
+                                         with_raw ? xring.data() + o : nullptr, true);
       };
       auto dy_row = [&](int64_t h) { return dyr.data() + (h % DYSLOTS) * ng * rowlen; };
       // t (ReLU) or g (GELU) of row h, group j; and act'(t) beside it (GELU)
@@ -1362,7 +1381,8 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
         AVec<acc_t> p1(L, acc_t(0)), p2(L, acc_t(0)), p3(L, acc_t(0));
         for (int64_t h = -pl; h < K - pl; ++h) load_u(n, h, 0, W);
         for (int64_t h = 0; h < H; ++h) {
-          if (!p.dm) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, h, 0, W, dyr.data(), rowlen);
+          if (!p.dm)
+            read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, h, 0, W, dyr.data(), rowlen, nullptr, true);
           for (int64_t j = 0; j < ng; ++j) {
             const int64_t l = l0 + j * VL;
             const acc_t* wj = wt.data() + (g0 + j) * K * K * VL;
@@ -1386,15 +1406,18 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             }
             if (!p.dm) {
               const acc_t* d = dyr.data() + j * rowlen;
-              acc_t *q1 = &p1[j * VL], *q2 = &p2[j * VL], *q3 = &p3[j * VL];
-              for (int64_t w = 0; w < W; ++w)
-                for (int c = 0; c < VL; ++c) {
-                  const acc_t gv = kKeepGrad ? tr[w * VL + c] : act_forward<A>(tr[w * VL + c]);
-                  const acc_t gc = gv - mu[l + c];
-                  q1[c] += d[w * VL + c];
-                  q2[c] += d[w * VL + c] * (gc * rs[l + c]);
-                  q3[c] += gc;
-                }
+              const V mv = Vec::load(&mu[l]), rv = Vec::load(&rs[l]);
+              V s1 = Vec::load(&p1[j * VL]), s2 = Vec::load(&p2[j * VL]), s3 = Vec::load(&p3[j * VL]);
+              for (int64_t w = 0; w < W; ++w) {
+                const V tv = Vec::load(tr + w * VL), dv = Vec::load(d + w * VL);
+                const V gc = (kKeepGrad ? tv : act_lanes<A, false, acc_t>(tv)) - mv;
+                s1 = s1 + dv;
+                s2 = s2 + dv * (gc * rv);
+                s3 = s3 + gc;
+              }
+              Vec::store(&p1[j * VL], s1);
+              Vec::store(&p2[j * VL], s2);
+              Vec::store(&p3[j * VL], s3);
             }
             // Slice j of the next input row (see ring_k's SLOTS).
             if (h + 1 < H) load_u(n, h + K - pl, W * j / ng, W * (j + 1) / ng);
@@ -1433,7 +1456,8 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
         for (int64_t h = -pl; h < K - pl; ++h) load_u(n, h, 0, W, laff.on);
         for (int64_t r = 0; r < H + pl; ++r) {
           const bool in = r < H;
-          if (in) read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, r, 0, W, dy_row(r), rowlen);
+          if (in)
+            read_row_groups<scalar_t, acc_t>(g, p.dy, nullptr, n, g0, ng, r, 0, W, dy_row(r), rowlen, nullptr, true);
           for (int64_t j = 0; j < ng; ++j) {
             acc_t* dt = dr.data() + j * dplane + dslot(r) * slot + pr * VL;  // dt[r][0]
             if (!in) {
@@ -1444,17 +1468,19 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             const acc_t* tr = t_row(n, r, j);
             const acc_t* da = kKeepGrad ? dact_row(n, r, j) : nullptr;
             const acc_t* d = dy_row(r) + j * rowlen;
-            acc_t* qb = &pdb[lj];
-            for (int64_t w = 0; w < W; ++w)
-              for (int c = 0; c < VL; ++c) {
-                const acc_t t = tr[w * VL + c];
-                const acc_t gv = kKeepGrad ? t : act_forward<A>(t);
-                const acc_t dact = kKeepGrad ? da[w * VL + c] : act_backward<A>(t);
-                const acc_t gh = ((gv - mu[l0 + lj + c]) - dl[lj + c]) * rs[l0 + lj + c];
-                const acc_t v = af[lj + c] * (d[w * VL + c] - c1[lj + c] - gh * c2[lj + c]) * dact;
-                dt[w * VL + c] = v;
-                qb[c] += v;
-              }
+            const V muv = Vec::load(&mu[l0 + lj]), dlv = Vec::load(&dl[lj]), rsv = Vec::load(&rs[l0 + lj]);
+            const V afv = Vec::load(&af[lj]), c1v = Vec::load(&c1[lj]), c2v = Vec::load(&c2[lj]);
+            V qb = Vec::load(&pdb[lj]);
+            for (int64_t w = 0; w < W; ++w) {
+              const V t = Vec::load(tr + w * VL);
+              const V gv = kKeepGrad ? t : act_lanes<A, false, acc_t>(t);
+              const V dact = kKeepGrad ? Vec::load(da + w * VL) : act_lanes<A, true, acc_t>(t);
+              const V gh = ((gv - muv) - dlv) * rsv;
+              const V v = afv * (Vec::load(d + w * VL) - c1v - gh * c2v) * dact;
+              Vec::store(dt + w * VL, v);
+              qb = qb + v;
+            }
+            Vec::store(&pdb[lj], qb);
             // dw[i][jj] += sum_w dt[w] * u_i[w + jj]: a sliding window along the row with the dt values as
             // its taps (8 at a time), so each u vector is loaded once per 8 dt values instead of once per
             // FMA (meant to relieve the loads; no time change was measurable when it came in). dt is zero past W
@@ -1492,14 +1518,16 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             if (laff.on) {
               // u = scale*(x - center) + shift:  dx = scale*du,  dscale = sum(du*(x - center)),  dshift = sum(du)
               const acc_t* xv = xring.data() + j * uplane + uslot(h) * slot + pl * VL;
-              acc_t *qs = &psc[lj], *qh = &psh[lj];
-              for (int64_t w = 0; w < W; ++w)
-                for (int c = 0; c < VL; ++c) {
-                  const acc_t du = o[w * VL + c];
-                  qs[c] += du * (xv[w * VL + c] - laff.ce[l + c]);
-                  qh[c] += du;
-                  o[w * VL + c] = laff.sc[l + c] * du;
-                }
+              const V cev = Vec::load(&laff.ce[l]), scv = Vec::load(&laff.sc[l]);
+              V qs = Vec::load(&psc[lj]), qh = Vec::load(&psh[lj]);
+              for (int64_t w = 0; w < W; ++w) {
+                const V du = Vec::load(o + w * VL);
+                qs = qs + du * (Vec::load(xv + w * VL) - cev);
+                qh = qh + du;
+                Vec::store(o + w * VL, scv * du);
+              }
+              Vec::store(&psc[lj], qs);
+              Vec::store(&psh[lj], qh);
             }
           }
           write_row_groups<scalar_t, acc_t>(g, p.dx, n, g0, ng, h, 0, W, dxr.data(), rowlen);
