@@ -775,7 +775,8 @@ inline typename Simd<acc_t>::V act_lanes(typename Simd<acc_t>::V t) {
 // caller that needs both reads the row once. prefetch_next: software-prefetch the same pixels of row h + 1
 // as each pixel is read. The backward's row loops stalled on these loads (a run of the block's channels per
 // pixel at a stride of C elements, while its t buffers stream through the cache); with the prefetch its CPU
-// time fell 20-40% (benchmarks/RESULTS.md). The forward's rings measured no difference and do not use it.
+// time fell 20-40% on this project's AVX2 VM while its memory was contended, and 0-12% when it was quiet
+// (benchmarks/RESULTS.md). The forward's rings measured no difference and do not use it.
 template <typename scalar_t, typename acc_t>
 void read_row_groups(const PlaneGeom& g, const scalar_t* src, const LaneAffine<acc_t>* aff, int64_t n, int64_t g0,
                      int64_t ng, int64_t h, int64_t w_lo, int64_t w_hi, acc_t* dst, int64_t stride,
