@@ -51,6 +51,22 @@ def test_channels_last_eval_work_split(dtype, k):
     run_cross_layer(x_pw, make_block_params("pw", 150, cin=6, dtype=dtype), p, False, "gelu", steps=1)
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_channels_last_training_fp32_ring(act):
+    """The channels_last training backward in fp32 (csrc/cpu/dw_block.cpp, ring_backward_k), which the small
+    shapes above do not reach: with at most exact_training_max_count values per channel a call runs in double.
+    2*17*19 = 646 values; C = 20 leaves the last channel group partial. Plain and with the previous block's BN
+    applied on the load, whose gradients take the input-affine sums."""
+    from convmixer_kernels import _C
+    from numerics import run_cross_layer
+    x = make_x((2, 20, 17, 19), torch.float32, "channels_last")
+    assert 2 * 17 * 19 > _C.exact_training_max_count()
+    p = make_block_params("dw", 20, k=7)
+    run_block("dw", x, p, True, act, steps=2)
+    run_cross_layer(make_x((2, 6, 17, 19), torch.float32, "channels_last"), make_block_params("pw", 20, cin=6), p,
+                    True, act, steps=2)
+
+
 @pytest.mark.parametrize("variant", ("momentum_none", "affine_off", "no_running_stats"))
 @pytest.mark.parametrize("training", (True, False))
 def test_batchnorm_variants(variant, training):
