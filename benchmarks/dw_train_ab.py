@@ -1,12 +1,14 @@
 """The fused depthwise block's eval, training forward and training backward on channels_last fp32 inputs at the
-ConvMixer-768/32 and -256/8 layer shapes: wall-clock min and median, and the process's CPU time, per call.
+ConvMixer-768/32 and -256/8 layer shapes, and (mode "step") a whole training step (forward and backward) of
+the converted paper ConvMixer-256/8 on NCHW batch-64 32 px images: wall-clock min and median, and the
+process's CPU time, per call.
 
 With --builds DIR,DIR,...: each DIR holds a copy of the package (DIR/convmixer_kernels with its _C), and the
 builds run in alternating subprocesses, --rounds times, so that two builds compare side by side. On a shared VM
 the wall time of back-to-back runs varies by 20-30%; the CPU time (both threads together) varies less, and the
 table reports its median over the rounds next to the best wall time.
 
-    python benchmarks/dw_train_ab.py [--modes eval,fwd,bwd] [--threads 2] [--reps 15]
+    python benchmarks/dw_train_ab.py [--modes eval,fwd,bwd,step] [--threads 2] [--reps 15]
     python benchmarks/dw_train_ab.py --builds /tmp/old,/tmp/new [--rounds 3]
 """
 import argparse
@@ -28,6 +30,13 @@ def measure(modes, threads, reps):
     from convmixer_kernels.numerics import make_block_params
     torch.set_num_threads(threads)
     out = {}
+    if "step" in modes:
+        import convmixer_kernels as ck
+        from convmixer_kernels.reference import ConvMixerPaper
+        torch.manual_seed(0)
+        model = ck.convert(ConvMixerPaper(dim=256, depth=8, kernel_size=9, patch_size=2, n_classes=10, act="gelu"))
+        images = torch.randn(64, 3, 32, 32)
+        out["ConvMixer-256/8 training step"] = time_calls(lambda: model(images).sum().backward(), max(3, reps // 3))
     for name, (N, C, H, k, act) in SHAPES.items():
         p = make_block_params("dw", C, k)
         for n in ("weight", "bias", "gamma", "beta"):
@@ -40,16 +49,21 @@ def measure(modes, threads, reps):
                  "fwd": lambda: dw_block(x, *args, training=True, act=act, backend="cpu"),
                  "bwd": lambda: torch.autograd.grad(y, [x] + args[:4], dy, retain_graph=True)}
         for mode in modes:
-            f = calls[mode]
-            f()
-            walls, c0 = [], time.process_time()
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                f()
-                walls.append(time.perf_counter() - t0)
-            cpu = (time.process_time() - c0) / reps
-            out[f"{name} {mode}"] = (min(walls) * 1e3, statistics.median(walls) * 1e3, cpu * 1e3)
+            if mode != "step":
+                out[f"{name} {mode}"] = time_calls(calls[mode], reps)
     return out
+
+
+def time_calls(f, reps):
+    """(wall min ms, wall median ms, CPU ms per call) of reps calls of f, after one untimed call."""
+    f()
+    walls, c0 = [], time.process_time()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        walls.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - c0) / reps
+    return min(walls) * 1e3, statistics.median(walls) * 1e3, cpu * 1e3
 
 
 def main():

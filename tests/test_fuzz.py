@@ -136,9 +136,8 @@ def run_case(case, backend="cpu"):
 # whose summands cancel (x or t with |mean| >> std), BN training above 512 values per channel (below
 # that the CPU training passes run in double, csrc/cpu/cpu_common.h use_exact_training), and outputs
 # scaled by a large BN factor gamma*rstd (gamma 10, running_var 1e-3: x300) that multiplies the fp32
-# rounding of t and g. A case whose every failing check is within 8x PyTorch's error (+ atol) is
-# recorded and reported by test_fuzz_cpu_residual_class as an expected failure, with counts per check;
-# anything beyond 8x, or NaN, fails test_fuzz_cpu.
+# rounding of t and g. Reported by test_fuzz_cpu_residual_class (as an expected failure, with counts
+# per check) when every failing check is within 8x PyTorch's error (+ atol).
 #
 # The cross-layer pair (pointwise block with its BN apply deferred into the next depthwise block's load)
 # was a second class until the input affine kept BatchNorm's centre: u = scale*(g - mean) + beta, with
@@ -152,6 +151,12 @@ def run_case(case, backend="cpu"):
 # the median error over those seeds is 1.7x PyTorch's, and 0.3-0.7x in another). Such a case is judged
 # by the rule over NOISE_SEEDS seeds of its configuration: every check must pass it on at least half of
 # them (the per-seed ratio's median within the rule). A kernel that is systematically worse fails it.
+#
+# Every class here (but the CUDA emulator's, the fourth) is admitted only through that median rule, and a
+# case beyond it, or with a NaN error, fails test_fuzz_cpu whatever its ratio. Measured on the CI seed
+# (stop 26): all 17 recorded cases held it; each failing check failed on 1-3 of the 8 seeds, and the
+# median of its per-seed ratios (fused error over PyTorch's) was 0.01-1.5, and 2.6 for a one-channel stem's
+# bias gradient that passes through atol on 7 of 8: per-seed noise, no systematic loss.
 RESIDUAL_MAX_RATIO = 8.0
 NOISE_SEEDS = 8
 RESIDUAL = []
@@ -161,7 +166,8 @@ RESIDUAL = []
 # t = b + sum w*x cancel to ~1e-9), the fp32 t of either implementation may have the other sign, and
 # act'(t) flips 0 <-> 1 for that element: a gradient error of |dg| (~rstd*|dy|) that PyTorch avoids only
 # when its own rounding happens to keep the sign (seen: t = 2.5e-9 exact, ours -1.1e-8, PyTorch's
-# +1.3e-8). Recorded when act is relu and only gradients fail.
+# +1.3e-8); one such element made a pointwise block's dx 1e5x PyTorch's error on one seed and left the
+# other seeds of its configuration passing. Reported as such when act is relu and only gradients fail.
 #
 # Fourth, the CUDA backend (here its emulator) recentres ghat like the CPU but has no float64 path (its
 # kernels accumulate in fp32 only): with batch statistics over at most 512 values its gradients can still
@@ -169,19 +175,15 @@ RESIDUAL = []
 
 
 def in_residual_class(case, failures, backend="cpu"):
-    from convmixer_kernels.numerics import ATOL
-    atol = ATOL[DTYPES[case["dtype"]]]
+    """Whether a failing case belongs to one of the classes above. Apart from the CUDA emulator's (a known
+    limitation, not noise), every class must also hold the rule over NOISE_SEEDS seeds of the case's
+    configuration (median_rule_holds): a kernel systematically worse than PyTorch on that configuration
+    fails test_fuzz_cpu however small its ratio, and only per-seed noise is reported as the residual."""
     batch_stats = case["training"] or not case["track"]
     count = case["N"] * (case["H"] // case["patch"]) * (case["W"] // case["patch"])
     if backend == "cuda_emu" and batch_stats and count <= 512 and case["dtype"] != "float64":
         if all(c.name.split()[2].startswith("d") for c in failures):
             return True
-    if case["act"] == "relu" and case["dtype"] != "float64" and all(c.name.split()[2].startswith("d")
-                                                                    for c in failures):
-        return True
-    if case["dtype"] != "float64" and all(c.fused_err <= RESIDUAL_MAX_RATIO * c.torch_err + atol
-                                          for c in failures):
-        return True
     return case["dtype"] != "float64" and median_rule_holds(case, backend)
 
 
@@ -239,11 +241,11 @@ def test_fuzz_cpu_residual_class():
     noise = [r for r in RESIDUAL if r not in relu and r not in other]
     checks = collections.Counter(c.name.split()[-1] for _, fs in other for c in fs)
     first = lambda rs: f"{rs[0][0]}: {rs[0][1][0]}" if rs else "-"  # noqa: E731
-    pytest.xfail(f"issue 11 (open): of {EXAMPLES[0]} fuzz cases, {len(other)} ill-conditioned ones at 2-8x "
-                 f"PyTorch's error (failing checks: {dict(checks)}; first: {first(other)}); {len(noise)} "
-                 f"noise-dominated ones beyond 8x whose every check passes the rule on at least half of "
-                 f"{NOISE_SEEDS} seeds of their configuration (first: {first(noise)}); {len(relu)} ReLU cases "
-                 f"with gradient failures (the kink within rounding; first: {first(relu)})")
+    pytest.xfail(f"issue 11 (open): of {EXAMPLES[0]} fuzz cases, {len(RESIDUAL)} failed the rule on their own "
+                 f"seed and passed it on at least half of {NOISE_SEEDS} seeds of their configuration: "
+                 f"{len(other)} ill-conditioned ones at 2-8x PyTorch's error (failing checks: {dict(checks)}; "
+                 f"first: {first(other)}); {len(noise)} noise-dominated ones beyond 8x (first: {first(noise)}); "
+                 f"{len(relu)} ReLU cases with gradient failures (the kink within rounding; first: {first(relu)})")
 
 
 def _emulated(name):

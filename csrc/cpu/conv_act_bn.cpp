@@ -65,10 +65,9 @@ inline acc_t g_value(acc_t t) {
 // dtype; Undefined when the op applied the BN itself). The next block normalized the stored g, so ghat
 // (the rstd gradient's weights) must be of the stored g too. On the exact double path the stored
 // dtype is the caller's, known at run time.
-template <typename scalar_t, int A, typename acc_t>
-inline acc_t g_as_stored(acc_t t, at::ScalarType g_dtype) {
+template <typename scalar_t, typename acc_t>
+inline acc_t round_as_stored(acc_t g, at::ScalarType g_dtype) {
   if constexpr (std::is_same_v<scalar_t, double>) {
-    const double g = act_forward<A>(t);
     switch (g_dtype) {
       case at::kFloat: return static_cast<float>(g);
       case at::kBFloat16: return static_cast<float>(c10::BFloat16(static_cast<float>(g)));
@@ -76,10 +75,13 @@ inline acc_t g_as_stored(acc_t t, at::ScalarType g_dtype) {
       default: return g;
     }
   } else {
-    // act once, then the select: as two g_value calls GCC evaluated act twice (a division and an exp each).
-    const acc_t g = act_forward<A>(t);
     return g_dtype == at::ScalarType::Undefined ? g : static_cast<acc_t>(static_cast<scalar_t>(g));
   }
+}
+// act once, then the select: as two g_value calls GCC evaluated act twice (a division and an exp each).
+template <typename scalar_t, int A, typename acc_t>
+inline acc_t g_as_stored(acc_t t, at::ScalarType g_dtype) {
+  return round_as_stored<scalar_t>(act_forward<A>(t), g_dtype);
 }
 
 // mean and biased var of act(T) per channel. Per block, exact two-pass moments over the (cached)
@@ -255,19 +257,19 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
   constexpr bool form_dt = FORM_DT;
   const int nthreads = at::get_num_threads();
   std::vector<double> part(static_cast<size_t>(nthreads) * 3 * s.C, 0.0);
-  // dg = a*(dy - c1 - ghat*c2) is formed in double: with few values per channel its terms nearly
-  // cancel, and their acc_t rounding, amplified by a = gamma*rstd, would be most of the result.
-  std::vector<acc_t> mu(s.C), rs(s.C);
-  std::vector<double> mud(s.C), rsd(s.C), av(s.C), k1(s.C), k2(s.C);
+  // dg = a*(dy - c1 - ghat*c2) in acc_t, as the depthwise backward forms it: with few values per channel
+  // its terms nearly cancel, but those calls (at most exact_training_max_count values per channel) run
+  // in double as a whole (backward() below). ghat = ((g - mean) - delta)*rstd: the recentring delta is
+  // ulp-sized, so it is taken off after the mean, not folded into it (mean + delta would round it away).
+  std::vector<acc_t> mu(s.C), rs(s.C), dl(s.C), av(s.C), k1(s.C), k2(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     mu[c] = static_cast<acc_t>(mean[c]);
     rs[c] = static_cast<acc_t>(rstd[c]);
-    mud[c] = static_cast<double>(mu[c]) + (delta ? delta[c] : 0.0);
-    rsd[c] = rs[c];
+    dl[c] = static_cast<acc_t>(delta ? delta[c] : 0.0);
     if (form_dt) {
-      av[c] = a[c];
-      k1[c] = c1[c];
-      k2[c] = c2[c];
+      av[c] = static_cast<acc_t>(a[c]);
+      k1[c] = static_cast<acc_t>(c1[c]);
+      k2[c] = static_cast<acc_t>(c2[c]);
     }
   }
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
@@ -287,17 +289,16 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
           for (int64_t c = 0; c < s.C; ++c) {
             const acc_t tv = static_cast<acc_t>(t[o + c]);
             const acc_t d = static_cast<acc_t>(dy[o + c]);
-            const acc_t gv = g_as_stored<scalar_t, A>(tv, g_dtype);
             if constexpr (form_dt) {
-              const double gh = (static_cast<double>(gv) - mud[c]) * rsd[c];
+              const ActGrad<acc_t> ag = act_with_grad<A>(tv);
+              const acc_t gh = ((round_as_stored<scalar_t>(ag.g, g_dtype) - mu[c]) - dl[c]) * rs[c];
               sdy[c] += d;
-              sdyg[c] += static_cast<acc_t>(d * gh);
-              const acc_t dg = static_cast<acc_t>(av[c] * (static_cast<double>(d) - k1[c] - gh * k2[c]));
-              const acc_t dt = dg * act_backward<A>(tv);
+              sdyg[c] += d * gh;
+              const acc_t dt = av[c] * (d - k1[c] - gh * k2[c]) * ag.dg;
               dT[o + c] = static_cast<scalar_t>(dt);
               sdt[c] += dt;
             } else {  // reduce pass: sum(g - mean) in the sum(dt) slot
-              const acc_t gc = gv - mu[c];
+              const acc_t gc = g_as_stored<scalar_t, A>(tv, g_dtype) - mu[c];
               sdy[c] += d;
               sdyg[c] += d * (gc * rs[c]);
               sdt[c] += gc;
@@ -306,21 +307,20 @@ void backward_pass_impl(const PCQ& s, const scalar_t* dy, const scalar_t* t, con
         } else {
           for (int64_t c = 0; c < s.C; ++c) {
             const int64_t o = (p * s.C + c) * s.Q;
-            const acc_t m = mu[c], r = rs[c];
-            const double md = mud[c], rd = rsd[c], aa = av[c], kk1 = k1[c], kk2 = k2[c];
+            const acc_t m = mu[c], r = rs[c], dlc = dl[c], aa = av[c], kk1 = k1[c], kk2 = k2[c];
             acc_t s0 = 0, s1 = 0, s2 = 0;
             if constexpr (form_dt) {
 #pragma omp simd reduction(+ : s0, s1, s2)
               for (int64_t q = 0; q < s.Q; ++q) {
                 const acc_t tv = static_cast<acc_t>(t[o + q]);
                 const acc_t d = static_cast<acc_t>(dy[o + q]);
-                const double gh = (static_cast<double>(g_as_stored<scalar_t, A>(tv, g_dtype)) - md) * rd;
-                const acc_t dg = static_cast<acc_t>(aa * (static_cast<double>(d) - kk1 - gh * kk2));
-                const acc_t dt = dg * act_backward<A>(tv);
+                const ActGrad<acc_t> ag = act_with_grad<A>(tv);
+                const acc_t gh = ((round_as_stored<scalar_t>(ag.g, g_dtype) - m) - dlc) * r;
+                const acc_t dt = aa * (d - kk1 - gh * kk2) * ag.dg;
                 dT[o + q] = static_cast<scalar_t>(dt);
                 s0 += dt;
                 s1 += d;
-                s2 += static_cast<acc_t>(d * gh);
+                s2 += d * gh;
               }
             } else {
 #pragma omp simd reduction(+ : s0, s1, s2)

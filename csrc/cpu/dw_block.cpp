@@ -1401,9 +1401,9 @@ void ring_backward_k(const PlaneGeom& g, const BackwardArgs<scalar_t, acc_t>& p)
             if constexpr (kKeepGrad) {
               acc_t* da = dact_row(n, h, j);
               for (int64_t e = 0; e < rowlen; ++e) {
-                const acc_t t = tr[e];
-                tr[e] = act_forward<A>(t);
-                da[e] = act_backward<A>(t);
+                const ActGrad<acc_t> ag = act_with_grad<A>(tr[e]);
+                tr[e] = ag.g;
+                da[e] = ag.dg;
               }
             }
             if (!p.dm) {
@@ -1686,10 +1686,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           acc_t pdb[VL] = {0};
           for (int64_t e = 0; e < len; e += VL)
             for (int l = 0; l < VL; ++l) {
-              const acc_t t = tn[e + l];
-              const acc_t gh = ((act_forward<A>(t) - mu[l]) - dlf[l]) * rs[l];
+              const ActGrad<acc_t> ag = act_with_grad<A>(tn[e + l]);
+              const acc_t gh = ((ag.g - mu[l]) - dlf[l]) * rs[l];
               const acc_t dg = af[l] * (dyb[e + l] - c1f[l] - gh * c2f[l]);
-              const acc_t dt = (e + l < valid) ? dg * act_backward<A>(t) : acc_t(0);
+              const acc_t dt = (e + l < valid) ? dg * ag.dg : acc_t(0);
               dtb[e + l] = dt;
               pdb[l] += dt;
             }
