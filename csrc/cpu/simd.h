@@ -35,10 +35,9 @@ struct Simd {
     return v;
   }
   static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V broadcast(T s) {
-    V v = {};
-    return v + s;
-  }
+  // s - 0 is s for every s (-0 and NaN included), so GCC folds it to a plain broadcast; 0 + s is not
+  // (it turns -0 into +0), and without fast-math it kept an add in front of the broadcast.
+  static inline V broadcast(T s) { return s - V{}; }
   static inline T sum(V v) {
     T s = 0;
     for (int i = 0; i < N; ++i) s += v[i];
