@@ -185,9 +185,9 @@ def in_residual_class(case, failures, backend="cpu"):
             return True
     # Still admitted without the median rule (issue 11, open): within RESIDUAL_MAX_RATIO, and ReLU gradient
     # failures. Seen on the CI seed (2026-12-07): a fp32 eval stem (N*H*W = 280, cin 3, rstd ~30) whose dweight
-    # error is the same at 1 and 2 threads while PyTorch's falls 3x at 2 threads (its weight-gradient
-    # reduction splits the 280 terms; ours sums them in one run): 3-4x PyTorch's error on 5 of 8 seeds at 2
-    # threads, within the rule at 1. The fix is a blocked summation of the stem/pointwise dW over pixels.
+    # error is the same at 1 and 2 threads while PyTorch's falls 3x at 2 threads (presumably its weight-gradient
+    # reduction splits the 280 terms, and ours sums them in one run): 3-4x PyTorch's error on 5 of 8 seeds at 2
+    # threads, within the rule at 1. Likely (not verified) fix: a blocked summation of that dW over pixels.
     from convmixer_kernels.numerics import ATOL
     atol = ATOL[DTYPES[case["dtype"]]]
     if case["act"] == "relu" and case["dtype"] != "float64" and all(c.name.split()[2].startswith("d")
