@@ -417,6 +417,27 @@ void check_cab_inputs(const at::Tensor& x, const at::Tensor& weight, const at::T
   check_per_channel(op, "beta", beta, C, acc);
 }
 
+// dW = dT^T Z for channels_last, dT (M, Cout) and Z (M, K) dense, the sum over the M pixels split in nb
+// chunks whose partial products are added at the end. Why: for narrow GEMMs (the stem's K = 3*p*p,
+// a pointwise conv with few input channels) MKL accumulates each entry over all M rows in one run,
+// ~M ulp; PyTorch's own weight gradient splits that sum (over threads), and ours was 3x its error at
+// M = 280 and 8x at M = 8000 (2 threads, issue 11). Chunks of >= 32 rows cut it to about the rounding
+// of dT itself. Wide GEMMs (K >= 64) already sum in cache blocks inside MKL; they take at most 8
+// chunks of >= 512 rows, which measured as fast as one mm (a batched GEMM of short chunks is not).
+// bf16/fp16 keep one GEMM: their partials would each be rounded to 8 or 11 bits.
+at::Tensor weight_grad_cl(const at::Tensor& dT, const at::Tensor& Z) {
+  const int64_t M = dT.size(0), K = Z.size(1);
+  const bool narrow = K < 64;
+  const int64_t nb = std::min<int64_t>(M / (narrow ? 32 : 512), narrow ? 32 : 8);
+  if (nb < 2 || at::isReducedFloatingType(dT.scalar_type())) return at::mm(dT.t(), Z);
+  const int64_t rows = M / nb, main = nb * rows;
+  at::Tensor dW = at::bmm(dT.narrow(0, 0, main).reshape({nb, rows, dT.size(1)}).transpose(1, 2),
+                          Z.narrow(0, 0, main).reshape({nb, rows, K}))
+                      .sum(0);
+  if (main < M) dW.addmm_(dT.narrow(0, main, M - main).t(), Z.narrow(0, main, M - main));
+  return dW;
+}
+
 template <typename F>
 void dispatch_layout_act(bool cl, int64_t act, F&& f) {
   dispatch_act(act, [&](auto ACT) {
@@ -606,7 +627,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_in, const at::Tensor& x, c
   at::Tensor dW2, dZ;
   if (g.cl) {
     const at::Tensor dTm = dT.permute({0, 2, 3, 1}).reshape({g.N * g.Ho * g.Wo, g.Cout});
-    dW2 = at::mm(dTm.t(), Z);
+    dW2 = weight_grad_cl(dTm, Z);
     if (need_dx) dZ = mm_nt(dTm, W2.t());  // (M, K)
   } else {
     const at::Tensor dTm = dT.view({g.N, g.Cout, g.Ho * g.Wo});
