@@ -2,11 +2,11 @@
 for each configuration, the ratio (fused error / PyTorch's own fp32 error, both against float64) of `dweight`
 over 8 seeds, median and max. A ratio above 2 on most seeds is a real accuracy loss, not noise.
 
-The configurations are tests/test_fuzz.py's case dicts (fp32, GELU, running variance scaled by 1e-3 so that
+The configurations are tests/test_fuzz.py's case dicts (fp32 or bf16, GELU, running variance scaled by 1e-3 so that
 rstd ~30 amplifies the rounding) at N*H*W from 40 to 8000, eval and training, NCHW and channels_last.
 PyTorch splits its weight-gradient sums across threads, so its error depends on the thread count.
 
-    python benchmarks/weight_grad_accuracy.py [--threads 2]
+    python benchmarks/weight_grad_accuracy.py [--threads 2] [--dtype bfloat16]
 """
 import argparse
 import os
@@ -29,17 +29,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import convmixer_kernels
-    print(f"package {os.path.dirname(convmixer_kernels.__file__)}, {args.threads} threads, {args.seeds} seeds")
+    print(f"package {os.path.dirname(convmixer_kernels.__file__)}, {args.dtype}, {args.threads} threads, "
+          f"{args.seeds} seeds")
     print("| block | mode | layout | N*H*W | median ratio | max ratio |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for kind, cin in (("stem", 3), ("pw", 32)):
         for training in (False, True):
             for layout in ("channels_last", "nchw"):
                 for N, H, W in SHAPES:
-                    case = dict(BASE, kind=kind, cin=cin, training=training, layout=layout, N=N, H=H, W=W)
+                    case = dict(BASE, dtype=args.dtype, kind=kind, cin=cin, training=training, layout=layout,
+                                N=N, H=H, W=W)
                     ratios = [c.fused_err / max(c.torch_err, 1e-30)
                               for i in range(args.seeds)
                               for c in test_fuzz.case_checks(dict(case, seed=7919 * i))
