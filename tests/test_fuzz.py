@@ -232,6 +232,15 @@ STEM_DWEIGHT = {'kind': 'stem', 'N': 7, 'C': 21, 'cin': 3, 'H': 4, 'W': 10, 'k':
                 'steps': 1, 'seed': 0}
 
 
+# weight_grad_cl's chunking (csrc/cpu/conv_act_bn.cpp) with rows left over after the equal chunks: narrow
+# (cin 5: 7 chunks of 33 rows + 2) and wide (cin 64: 2 chunks of 550 rows + 1), eval and training; a row lost
+# or counted twice would be far outside the rule.
+@pytest.mark.parametrize("cin,W", [(5, 233), (64, 1101)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_pointwise_dweight_chunk_remainder(cin, W, training):
+    run_case(dict(STEM_DWEIGHT, kind="pw", cin=cin, C=24, N=1, H=1, W=W, training=training, var_scale=1.0))
+
+
 @pytest.mark.parametrize("shape", [(7, 4, 10), (20, 20, 20)], ids=lambda s: f"NHW{s[0] * s[1] * s[2]}")
 def test_stem_dweight_two_threads(shape):
     old = torch.get_num_threads()
