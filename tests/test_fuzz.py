@@ -7,7 +7,8 @@ offset (|mean| >> std included), the BN parameters and the running statistics.
 
 Profiles (environment variable CMK_FUZZ_PROFILE):
   ci (default)  a fixed seed, a bounded example count, no example database, and no constants drawn from
-                other loaded modules: CI runs the same cases every time, whichever tests run beside it (about 20 s on the CPU backend, 50 s on the emulated ones, 2-core CI machine).
+                other loaded modules: CI runs the same cases every time, whichever tests run beside it
+                (about 20 s on the CPU backend, 50 s on the emulated ones, 2-core CI machine).
   local         many more examples, a random seed, and hypothesis's example database kept outside the
                 repository (~/.cache/convmixer_kernels/hypothesis) so a failure replays first next time.
 The Triton interpreter and the CUDA emulator run the same properties on tiny shapes with fewer examples.
@@ -178,9 +179,10 @@ NOISE_SEEDS = 8
 RESIDUAL = []
 
 
-# One class stays open (issue 11): the CUDA backend (here its emulator) recentres ghat like the CPU but has no float64 path (its
-# kernels accumulate in fp32 only): with batch statistics over at most 512 values its gradients can still
-# be the rounding noise issue 11 describes. Triton runs such calls in float64 as the CPU does.
+# One class stays open (issue 11): the CUDA backend (here its emulator) recentres ghat like the CPU but
+# has no float64 path (its kernels accumulate in fp32 only): with batch statistics over at most 512 values
+# its gradients can still be the rounding noise issue 11 describes. Triton runs such calls in float64 as
+# the CPU does.
 
 
 def in_residual_class(case, failures, backend="cpu"):
