@@ -7,7 +7,7 @@ import torch
 import convmixer_kernels
 from convmixer_kernels import backends
 from convmixer_kernels._library import op
-from numerics import make_block_params, run_block, run_cross_layer
+from numerics import check_few_values_run_in_float64, make_block_params, run_block, run_cross_layer
 
 _available, _reason = backends.available_backends()["cuda"]
 if not _available:
@@ -91,3 +91,10 @@ def test_convmixer_end_to_end_matches_cpu_backend():
     y_ref = ref(x)
     y = gpu(x.cuda())
     torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,layout", (("dw", "channels_last"), ("dw", "nchw"), ("pw", "nchw"),
+                                         ("stem", "channels_last")))
+def test_few_values_per_channel_run_in_float64(kind, layout):
+    """fp32 training with at most _C.exact_training_max_count() values per channel runs the fp64 kernels."""
+    check_few_values_run_in_float64(kind, layout, "cuda", "cuda")

@@ -18,7 +18,8 @@ import torch
 import convmixer_kernels
 from convmixer_kernels import backends
 from convmixer_kernels._library import op
-from numerics import RECENTRING_CASES, make_block_params, recentring_case, run_block, run_cross_layer
+from numerics import (RECENTRING_CASES, check_few_values_run_in_float64, make_block_params, recentring_case,
+                      run_block, run_cross_layer)
 
 _available, _reason = backends.available_backends()["cuda_emu"]
 if not _available:
@@ -136,11 +137,73 @@ def test_batchnorm_variants(variant, training, kind):
         steps=2)
 
 
-def test_float64_is_rejected_with_a_clear_error():
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    w, b = torch.randn(3, 1, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="float64 runs on the cpu backend"):
-        convmixer_kernels.dw_block(x, w, b, None, None, training=True, backend="cuda_emu")
+# --- fp64, and the exact path of training with few values per channel ------------------------------
+# fp64 inputs run the generic kernels in fp64 (kernel_api.h). fp32/bf16/fp16 training with at most
+# _C.exact_training_max_count() values per channel runs the same fp64 kernels on fp64 copies and rounds once,
+# as the CPU and Triton backends do; the fp32 kernels then train only above that count (tested below).
+
+@pytest.mark.parametrize("kind", ("dw", "pw", "stem"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", (True, False))
+def test_fp64(kind, layout, training):
+    dt, patch = torch.float64, 2 if kind == "stem" else 1
+    cin = 3 if kind == "stem" else 5
+    p = make_block_params(kind, 5, k=3 if kind == "dw" else patch, cin=cin, patch=patch, dtype=dt)
+    emu(kind, make_x((2, cin, 6 * patch, 7 * patch), dt, layout), p, training, "gelu", patch=patch)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dw_fp64_generic_backward_tiles(layout):
+    # k = 11 > 9: the generic kernels; channels_last with 5 channels: fp64 halves the backward tile's channel
+    # lanes (2 -> 1 under emulation), so channel-group remainders of both tilings occur
+    dt = torch.float64
+    emu("dw", make_x((2, 5, 9, 7), dt, layout), make_block_params("dw", 5, k=11, dtype=dt), True, "relu")
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_gradcheck_fp64(training):
+    # gradcheck's fast mode (a random projection of the Jacobian) on a tiny shape: the full Jacobian of
+    # (2, 3, 4, 5) took 160 s per block under emulation (every launch runs its blocks' threads as OS threads)
+    C, k = 3, 3
+    x = make_x((2, C, 3, 4), torch.float64, "channels_last").requires_grad_(True)
+    w = (torch.randn(C, 1, k, k, dtype=torch.float64) / k).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    g = (1 + 0.3 * torch.randn(C, dtype=torch.float64)).requires_grad_(True)
+    be = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    pw_w = (torch.randn(C, 2, 1, 1, dtype=torch.float64) / 2).requires_grad_(True)
+    x_pw = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+
+    def dw(x, w, b, g, be):
+        return convmixer_kernels.dw_block(x, w, b, g, be, rm.clone(), rv.clone(), None, training, 0.1, 1e-5, "gelu",
+                                          backend="cuda_emu")
+
+    def pw(x, w, b, g, be):
+        return convmixer_kernels.conv_act_bn(x, w, b, g, be, rm.clone(), rv.clone(), None, training, 0.1, 1e-5,
+                                             "gelu_tanh", backend="cuda_emu")
+
+    assert torch.autograd.gradcheck(dw, (x, w, b, g, be), eps=1e-6, atol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(pw, (x_pw, pw_w, b, g, be), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("kind,layout", (("dw", "channels_last"), ("dw", "nchw"), ("pw", "nchw"),
+                                         ("stem", "channels_last")))
+def test_few_values_per_channel_run_in_float64(kind, layout):
+    check_few_values_run_in_float64(kind, layout, "cuda_emu")
+
+
+@pytest.mark.parametrize("kind,k", (("dw", 3), ("dw", 11), ("pw", 1), ("stem", 2)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_training_kernels_above_the_exact_count(kind, k, layout):
+    """The fp32 training kernels (the tiled depthwise kernel at k = 3, the generic ones at k = 11, the
+    conv-act-BN statistics and backward), which the small shapes above no longer reach: 2*17*19 = 646 values
+    per channel."""
+    from convmixer_kernels import _C
+    assert 2 * 17 * 19 > _C.exact_training_max_count()
+    cin, patch = (3, 2) if kind == "stem" else (4, 1)
+    p = make_block_params(kind, 5, k=k, cin=cin, patch=patch)
+    emu(kind, make_x((2, 5 if kind == "dw" else cin, 17 * patch, 19 * patch), torch.float32, layout), p, True,
+        "gelu", patch=patch)
 
 
 # --- cross-layer fusion: the pointwise BN apply folded into the next depthwise block's load ----------

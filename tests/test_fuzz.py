@@ -179,20 +179,15 @@ NOISE_SEEDS = 8
 RESIDUAL = []
 
 
-# One class stays open (issue 11): the CUDA backend (here its emulator) recentres ghat like the CPU but
-# has no float64 path (its kernels accumulate in fp32 only): with batch statistics over at most 512 values
-# its gradients can still be the rounding noise issue 11 describes. Triton runs such calls in float64 as
-# the CPU does.
+# Until 2026-12-07 the CUDA backend (here its emulator) was a class of its own: its kernels accumulated in
+# fp32 only, so with batch statistics over at most 512 values per channel its gradients could be the
+# rounding noise issue 11 describes (35 of 300 local-profile cases). It now runs those calls through its
+# fp64 kernels and rounds once, as the CPU and Triton backends do, and is judged like them.
 
 
 def in_residual_class(case, failures, backend="cpu"):
-    """Whether a failing case is admitted: the CUDA emulator's small-count class, or (fp32/bf16) a case
-    that holds the rule over NOISE_SEEDS seeds of its configuration (median_rule_holds)."""
-    batch_stats = case["training"] or not case["track"]
-    count = case["N"] * (case["H"] // case["patch"]) * (case["W"] // case["patch"])
-    if backend == "cuda_emu" and batch_stats and count <= 512 and case["dtype"] != "float64":
-        if all(c.name.split()[2].startswith("d") for c in failures):
-            return True
+    """Whether a failing case is admitted: (fp32/bf16) a case that holds the rule over NOISE_SEEDS seeds of
+    its configuration (median_rule_holds)."""
     return case["dtype"] != "float64" and median_rule_holds(case, backend)
 
 
@@ -306,7 +301,7 @@ def test_fuzz_triton_interpreter(case):
 
 
 @fuzz_settings(EXAMPLES[1])
-@given(case=cases(tiny=True, dtypes=("float32", "bfloat16")))
+@given(case=cases(tiny=True, dtypes=("float32", "bfloat16", "float64")))
 def test_fuzz_cuda_emu(case):
     _emulated("cuda_emu")
     run_emulated_case(case, "cuda_emu")
@@ -318,5 +313,5 @@ def test_fuzz_emulated_residual_class():
         pytest.skip("no emulated-backend fuzz case of this run fell in a residual class (or none ran)")
     backend, case, failures = RESIDUAL_EMULATED[0]
     pytest.xfail(f"issue 11 (open): {len(RESIDUAL_EMULATED)} emulated-backend fuzz case(s) in a residual class "
-                 f"(the CUDA kernels have no float64 path for few values per channel); first: {backend} {case}: "
+                 f"(each holds the rule over {NOISE_SEEDS} seeds); first: {backend} {case}: "
                  f"{failures[0]}")

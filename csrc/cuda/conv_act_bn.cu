@@ -19,41 +19,42 @@ namespace CMK_KNS {
 namespace {
 
 // The activation input at element offset e of channel c: the saved t, or T_acc + b rounded to T.
-template <typename T>
-CMK_DEV float load_t(const T* __restrict__ t_saved, const float* __restrict__ T_acc, float bias, int64_t e) {
+template <typename T, typename A = acc_of<T>>
+CMK_DEV A load_t(const T* __restrict__ t_saved, const A* __restrict__ T_acc, A bias, int64_t e) {
   return t_saved != nullptr ? to_acc(t_saved[e]) : to_acc(from_acc<T>(T_acc[e] + bias));
 }
 
 // With g_out (the BN apply deferred to the next depthwise block) it also writes y = g = act(t), and
 // t in the input dtype to t_out when given, so no apply pass follows; the moments are then those of
-// the stored (rounded) g, which the next block normalizes (csrc/cpu/conv_act_bn.cpp stats_pass).
+// the stored (rounded: round_as_stored) g, which the next block normalizes (csrc/cpu/conv_act_bn.cpp
+// stats_pass).
 template <typename T, int ACT>
-__global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const T* __restrict__ b, int cpb,
-                                         int64_t chunk, float* __restrict__ ws, T* __restrict__ g_out,
-                                         T* __restrict__ t_out) {
+__global__ void cab_stats_partial_kernel(Layout L, ScalarKind stored, acc_of<T>* __restrict__ Tm,
+                                         const T* __restrict__ b, int cpb, int64_t chunk, acc_of<T>* __restrict__ ws,
+                                         T* __restrict__ g_out, T* __restrict__ t_out) {
+  using A = acc_of<T>;
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  Welford<float> acc;
+  Welford<A> acc;
   if (c < L.C) {
-    const float bc = to_acc(b[c]);
+    const A bc = to_acc(b[c]);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
-      const float t = Tm[e] + bc;
+      const A t = Tm[e] + bc;
       Tm[e] = t;
-      float g = act_forward<ACT>(t);
+      A g = act_forward<ACT>(t);
       if (g_out != nullptr) {
-        const T stored = from_acc<T>(g);
-        g_out[e] = stored;
-        g = to_acc(stored);
+        g = round_as_stored<T>(g, stored);
+        g_out[e] = from_acc<T>(g);
         if (t_out != nullptr) t_out[e] = from_acc<T>(t);
       }
-      acc.merge(1.f, g, 0.f);
+      acc.merge(A(1), g, A(0));
     }
   }
   block_channel_welford(acc, cpb);
   if (tid < cpb && c < L.C) {
-    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
+    A* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
     o[0] = acc.count;
     o[1] = acc.mean;
     o[2] = acc.m2;
@@ -63,35 +64,37 @@ __global__ void cab_stats_partial_kernel(Layout L, float* __restrict__ Tm, const
 // Elementwise over the dense output (element e has channel (e / sC) % C for either layout).
 // y = A*act(t) + B with A = gamma*rstd, B = beta - mean*A; A = 1, B = 0 (y = act(t)) when !apply_bn.
 template <typename T, int ACT>
-__global__ void cab_apply_kernel(Layout L, const float* __restrict__ Tm, const T* __restrict__ b_or_null,
-                                 const float* __restrict__ gamma, const float* __restrict__ beta,
-                                 const float* __restrict__ mean, const float* __restrict__ rstd, bool apply_bn,
-                                 T* __restrict__ t_out, T* __restrict__ y, int64_t numel) {
+__global__ void cab_apply_kernel(Layout L, const acc_of<T>* __restrict__ Tm, const T* __restrict__ b_or_null,
+                                 const acc_of<T>* __restrict__ gamma, const acc_of<T>* __restrict__ beta,
+                                 const acc_of<T>* __restrict__ mean, const acc_of<T>* __restrict__ rstd,
+                                 bool apply_bn, T* __restrict__ t_out, T* __restrict__ y, int64_t numel) {
+  using A = acc_of<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
     const int64_t c = (e / L.sC) % L.C;
-    const float t = Tm[e] + (b_or_null != nullptr ? to_acc(b_or_null[c]) : 0.f);
+    const A t = Tm[e] + (b_or_null != nullptr ? to_acc(b_or_null[c]) : A(0));
     if (t_out != nullptr) t_out[e] = from_acc<T>(t);
-    const float a = apply_bn ? gamma[c] * rstd[c] : 1.f;
-    const float shift = apply_bn ? beta[c] - mean[c] * a : 0.f;
+    const A a = apply_bn ? gamma[c] * rstd[c] : A(1);
+    const A shift = apply_bn ? beta[c] - mean[c] * a : A(0);
     y[e] = from_acc<T>(a * act_forward<ACT>(t) + shift);
   }
 }
 
 template <typename T, int ACT>
 __global__ void cab_backward_reduce_kernel(Layout L, const T* __restrict__ dy, const T* __restrict__ t_saved,
-                                           const float* __restrict__ T_acc, const T* __restrict__ b,
-                                           const float* __restrict__ mean, const float* __restrict__ rstd, int cpb,
-                                           int64_t chunk, float* __restrict__ ws) {
+                                           const acc_of<T>* __restrict__ T_acc, const T* __restrict__ b,
+                                           const acc_of<T>* __restrict__ mean, const acc_of<T>* __restrict__ rstd,
+                                           int cpb, int64_t chunk, acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  float s[3] = {0.f, 0.f, 0.f};
+  A s[3] = {0, 0, 0};
   if (c < L.C) {
-    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    const A bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
-      const float d = to_acc(dy[e]), ghat = (act_forward<ACT>(load_t(t_saved, T_acc, bc, e)) - mu) * rs;
+      const A d = to_acc(dy[e]), ghat = (act_forward<ACT>(load_t(t_saved, T_acc, bc, e)) - mu) * rs;
       s[0] += d;
       s[1] += d * ghat;
       s[2] += ghat;
@@ -99,7 +102,7 @@ __global__ void cab_backward_reduce_kernel(Layout L, const T* __restrict__ dy, c
   }
   block_channel_sums<3>(s, cpb);
   if (tid < cpb && c < L.C) {
-    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
+    A* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
     o[0] = s[0];
     o[1] = s[1];
     o[2] = s[2];
@@ -112,45 +115,48 @@ __global__ void cab_backward_reduce_kernel(Layout L, const T* __restrict__ dy, c
 //   BN deferred (dy = dL/dg, g = act(t)): a = 1; training c1 = -dmean/M, c2 = drstd*rstd^2/M, i.e.
 //   dg = dy + dmean/M - drstd*rstd^2*ghat/M with dmean, drstd the gradients of the batch mean and rstd
 //   (null: zero).  Eval: c1 = c2 = 0.
+template <typename A>
 struct DtCoefficients {
-  float a, c1, c2, dhat;
+  A a, c1, c2, dhat;
 };
-CMK_DEV DtCoefficients dt_coefficients(int64_t c, float inv_m, bool batch_stats, bool apply_bn,
-                                       const float* __restrict__ gamma, const float* __restrict__ rstd,
-                                       const float* __restrict__ sums, const float* __restrict__ dmean,
-                                       const float* __restrict__ drstd) {
-  const float rs = rstd[c];
+template <typename A>
+CMK_DEV DtCoefficients<A> dt_coefficients(int64_t c, A inv_m, bool batch_stats, bool apply_bn,
+                                          const A* __restrict__ gamma, const A* __restrict__ rstd,
+                                          const A* __restrict__ sums, const A* __restrict__ dmean,
+                                          const A* __restrict__ drstd) {
+  const A rs = rstd[c], zero = 0;
   if (apply_bn)
-    return {gamma[c] * rs, batch_stats ? sums[c * 3] * inv_m : 0.f, batch_stats ? sums[c * 3 + 1] * inv_m : 0.f,
-            batch_stats ? sums[c * 3 + 2] : 0.f};
-  return {1.f, batch_stats && dmean != nullptr ? -dmean[c] * inv_m : 0.f,
-          batch_stats && drstd != nullptr ? drstd[c] * rs * rs * inv_m : 0.f, 0.f};
+    return {gamma[c] * rs, batch_stats ? sums[c * 3] * inv_m : zero, batch_stats ? sums[c * 3 + 1] * inv_m : zero,
+            batch_stats ? sums[c * 3 + 2] : zero};
+  return {A(1), batch_stats && dmean != nullptr ? -dmean[c] * inv_m : zero,
+          batch_stats && drstd != nullptr ? drstd[c] * rs * rs * inv_m : zero, zero};
 }
 
 // dt = a*(dy - c1 - ghat*c2)*act'(t) (coefficients above), written as dT; per-split partials of sum dt.
 template <typename T, int ACT>
-__global__ void cab_backward_dt_kernel(Layout L, const T* __restrict__ dy, const T* __restrict__ t_saved,
-                                       const float* __restrict__ T_acc, const T* __restrict__ b,
-                                       const float* __restrict__ gamma, const float* __restrict__ mean,
-                                       const float* __restrict__ rstd, const float* __restrict__ sums,
-                                       const float* __restrict__ dmean, const float* __restrict__ drstd,
-                                       bool batch_stats, bool apply_bn, int cpb, int64_t chunk, T* __restrict__ dT,
-                                       float* __restrict__ ws) {
+__global__ void cab_backward_dt_kernel(Layout L, ScalarKind stored, const T* __restrict__ dy,
+                                       const T* __restrict__ t_saved, const acc_of<T>* __restrict__ T_acc,
+                                       const T* __restrict__ b, const acc_of<T>* __restrict__ gamma,
+                                       const acc_of<T>* __restrict__ mean, const acc_of<T>* __restrict__ rstd,
+                                       const acc_of<T>* __restrict__ sums, const acc_of<T>* __restrict__ dmean,
+                                       const acc_of<T>* __restrict__ drstd, bool batch_stats, bool apply_bn, int cpb,
+                                       int64_t chunk, T* __restrict__ dT, acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  float s[1] = {0.f};
+  A s[1] = {0};
   if (c < L.C) {
-    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
-    const DtCoefficients co =
-        dt_coefficients(c, 1.f / static_cast<float>(M), batch_stats, apply_bn, gamma, rstd, sums, dmean, drstd);
+    const A bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    const DtCoefficients<A> co =
+        dt_coefficients(c, A(1) / static_cast<A>(M), batch_stats, apply_bn, gamma, rstd, sums, dmean, drstd);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t e = elem_offset(L, m / L.HW, c, m % L.HW);
-      const float t = load_t(t_saved, T_acc, bc, e);
+      const A t = load_t(t_saved, T_acc, bc, e);
       // a deferred BN normalized the stored g (csrc/cpu/conv_act_bn.cpp g_as_stored)
-      const float g = apply_bn ? act_forward<ACT>(t) : to_acc(from_acc<T>(act_forward<ACT>(t)));
-      const float ghat = (g - mu) * rs - co.dhat;
-      const float dt = co.a * (to_acc(dy[e]) - co.c1 - ghat * co.c2) * act_backward<ACT>(t);
+      const A g = apply_bn ? act_forward<ACT>(t) : round_as_stored<T>(act_forward<ACT>(t), stored);
+      const A ghat = (g - mu) * rs - co.dhat;
+      const A dt = co.a * (to_acc(dy[e]) - co.c1 - ghat * co.c2) * act_backward<ACT>(t);
       dT[e] = from_acc<T>(dt);
       s[0] += dt;
     }
@@ -161,67 +167,73 @@ __global__ void cab_backward_dt_kernel(Layout L, const T* __restrict__ dy, const
 
 }  // namespace
 
-int64_t conv_act_bn_workspace_floats(const Problem& p, const LaunchShape& s) {
+template <typename A>
+int64_t ConvActBnLaunch<A>::workspace_elems(const Problem& p, const LaunchShape& s) {
   return plan_splits(p, s).splits * p.C * 3;
 }
 
-void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* Tm, const void* b, const float* gamma,
-                                const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
-                                bool apply_bn, void* y, void* t_out, float* ws, void* stream) {
+template <typename A>
+void ConvActBnLaunch<A>::forward(const Problem& p, const LaunchShape& s, ScalarKind stored, A* Tm, const void* b,
+                                 const A* gamma, const A* beta, A* mean, A* rstd, A* var, bool batch_stats, A eps,
+                                 bool apply_bn, void* y, void* t_out, A* ws, void* stream) {
   const Layout L = make_layout(p);
-  dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
+  dispatch_dtype_act<A>(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
-    constexpr int A = decltype(act)::value;
+    constexpr int ACT = decltype(act)::value;
     const T* bp = static_cast<const T*>(b);
     if (batch_stats) {
       const SplitPlan sp = plan_splits(p, s);
-      auto kern = &cab_stats_partial_kernel<T, A>;
+      auto kern = &cab_stats_partial_kernel<T, ACT>;
       T* g_out = apply_bn ? nullptr : static_cast<T*>(y);  // deferred BN: y = act(t) written here
       CMK_LAUNCH(kern, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
-                 stream, L, Tm, bp, sp.cpb, sp.chunk, ws, g_out, apply_bn ? nullptr : static_cast<T*>(t_out));
+                 stream, L, stored, Tm, bp, sp.cpb, sp.chunk, ws, g_out, apply_bn ? nullptr : static_cast<T*>(t_out));
       CMK_CHECK_LAUNCH("cab_stats_partial_kernel");
-      launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
+      launch_welford_finalize<A>(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
       if (!apply_bn) return;  // no apply pass
     }
     const int64_t numel = p.N * p.C * p.H * p.W;
     const unsigned blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min<int64_t>(s.elementwise_blocks, ceil_div(numel, s.threads))));
-    auto kern = &cab_apply_kernel<T, A>;
-    CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, static_cast<const float*>(Tm),
-               batch_stats ? nullptr : bp, gamma, beta, static_cast<const float*>(mean),
-               static_cast<const float*>(rstd), apply_bn, static_cast<T*>(t_out), static_cast<T*>(y), numel);
+    auto kern = &cab_apply_kernel<T, ACT>;
+    CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, static_cast<const A*>(Tm),
+               batch_stats ? nullptr : bp, gamma, beta, static_cast<const A*>(mean), static_cast<const A*>(rstd),
+               apply_bn, static_cast<T*>(t_out), static_cast<T*>(y), numel);
     CMK_CHECK_LAUNCH("cab_apply_kernel");
   });
 }
 
-void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
-                                 const float* T_acc, const void* b, const float* gamma, const float* mean,
-                                 const float* rstd, const float* dmean, const float* drstd, bool batch_stats,
-                                 bool apply_bn, void* dT, float* sums, float* sum_dt, float* ws, void* stream) {
+template <typename A>
+void ConvActBnLaunch<A>::backward(const Problem& p, const LaunchShape& s, ScalarKind stored, const void* dy,
+                                  const void* t_saved, const A* T_acc, const void* b, const A* gamma, const A* mean,
+                                  const A* rstd, const A* dmean, const A* drstd, bool batch_stats, bool apply_bn,
+                                  void* dT, A* sums, A* sum_dt, A* ws, void* stream) {
   const Layout L = make_layout(p);
-  dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
+  dispatch_dtype_act<A>(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
-    constexpr int A = decltype(act)::value;
+    constexpr int ACT = decltype(act)::value;
     const T* dyp = static_cast<const T*>(dy);
     const T* tp = static_cast<const T*>(t_saved);
     const T* bp = static_cast<const T*>(b);
     const SplitPlan sp = plan_splits(p, s);
     const dim3 grid(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits));
     if (apply_bn) {  // dbeta, dgamma and the training terms of dg; a deferred BN has neither
-      auto reduce = &cab_backward_reduce_kernel<T, A>;
+      auto reduce = &cab_backward_reduce_kernel<T, ACT>;
       CMK_LAUNCH(reduce, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, mean, rstd, sp.cpb, sp.chunk, ws);
       CMK_CHECK_LAUNCH("cab_backward_reduce_kernel");
-      launch_sum_splits(ws, sp.splits, p.C * 3, sums, stream);
-      if (batch_stats) launch_recentre_sums(sums, p.C, 1.f / static_cast<float>(L.N * L.HW), stream);
+      launch_sum_splits<A>(ws, sp.splits, p.C * 3, sums, stream);
+      if (batch_stats) launch_recentre_sums<A>(sums, p.C, A(1) / static_cast<A>(L.N * L.HW), stream);
     }
-    auto dt = &cab_backward_dt_kernel<T, A>;
-    CMK_LAUNCH(dt, grid, dim3(s.threads), 0, stream, L, dyp, tp, T_acc, bp, gamma, mean, rstd,
-               static_cast<const float*>(sums), dmean, drstd, batch_stats, apply_bn, sp.cpb, sp.chunk,
+    auto dt = &cab_backward_dt_kernel<T, ACT>;
+    CMK_LAUNCH(dt, grid, dim3(s.threads), 0, stream, L, stored, dyp, tp, T_acc, bp, gamma, mean, rstd,
+               static_cast<const A*>(sums), dmean, drstd, batch_stats, apply_bn, sp.cpb, sp.chunk,
                static_cast<T*>(dT), ws);
     CMK_CHECK_LAUNCH("cab_backward_dt_kernel");
-    launch_sum_splits(ws, sp.splits, p.C, sum_dt, stream);
+    launch_sum_splits<A>(ws, sp.splits, p.C, sum_dt, stream);
   });
 }
+
+template struct ConvActBnLaunch<float>;
+template struct ConvActBnLaunch<double>;
 
 }  // namespace CMK_KNS
 }  // namespace cmk

@@ -43,25 +43,76 @@ namespace CMK_KNS {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
 
-// --- dtype conversions (fp32 accumulation) ---------------------------------------------------------
+// --- dtype conversions ------------------------------------------------------------------------------
+// The accumulation type: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (which the launchers also use for
+// training with few values per channel, cpu::use_exact_training: the same kernels, rounded once at the end).
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_of = typename AccOf<T>::type;
+// Whether T has the tiled depthwise kernels (fp32 shared-memory tiles); fp64 runs the generic ones.
+template <typename T>
+constexpr bool has_tiled_kernels() {
+  return !std::is_same<T, double>::value;
+}
+
 CMK_DEV float to_acc(float v) { return v; }
+CMK_DEV double to_acc(double v) { return v; }
 #if defined(CMK_CUDA_EMULATION)
 CMK_DEV float to_acc(__half v) { return static_cast<float>(v); }
 CMK_DEV float to_acc(__nv_bfloat16 v) { return static_cast<float>(v); }
-template <typename T>
-CMK_DEV T from_acc(float v) { return static_cast<T>(v); }
+template <typename T, typename A>
+CMK_DEV T from_acc(A v) { return static_cast<T>(v); }
 #else
 CMK_DEV float to_acc(__half v) { return __half2float(v); }
 CMK_DEV float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
-CMK_DEV T from_acc(float v);
+struct FromAcc;
 template <>
-CMK_DEV float from_acc<float>(float v) { return v; }
+struct FromAcc<float> {
+  CMK_DEV static float of(float v) { return v; }
+};
 template <>
-CMK_DEV __half from_acc<__half>(float v) { return __float2half_rn(v); }
+struct FromAcc<double> {
+  CMK_DEV static double of(double v) { return v; }
+};
 template <>
-CMK_DEV __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+struct FromAcc<__half> {
+  CMK_DEV static __half of(float v) { return __float2half_rn(v); }
+};
+template <>
+struct FromAcc<__nv_bfloat16> {
+  CMK_DEV static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
+};
+template <typename T, typename A>
+CMK_DEV T from_acc(A v) { return FromAcc<T>::of(v); }
 #endif
+CMK_DEV float rsqrt_acc(float v) { return rsqrtf(v); }
+CMK_DEV double rsqrt_acc(double v) { return 1.0 / sqrt(v); }
+
+// g = act(t) as it was stored in dtype `stored` (the BN apply deferred to the next depthwise block, which
+// normalizes the stored g). T's own dtype but for the fp64 kernels, which stand in for a caller's
+// fp32/bf16/fp16 call (exact training) and round to that dtype, through fp32 as csrc/cpu's round_as_stored does.
+template <typename T, typename A>
+CMK_DEV A round_as_stored(A g, ScalarKind stored) {
+  if constexpr (!std::is_same<T, double>::value) {
+    (void)stored;
+    return to_acc(from_acc<T>(g));
+  } else {
+    switch (stored) {
+      case ScalarKind::kFloat: return static_cast<float>(g);
+      case ScalarKind::kHalf: return to_acc(from_acc<__half>(static_cast<float>(g)));
+      case ScalarKind::kBFloat16: return to_acc(from_acc<__nv_bfloat16>(static_cast<float>(g)));
+      default: return g;
+    }
+  }
+}
 
 // VEC consecutive elements moved as one 16-byte (or smaller) access.
 template <typename T, int VEC>
@@ -85,12 +136,21 @@ void dispatch_act_for(int act, F&& f) {
     default: throw std::invalid_argument("convmixer_kernels: unknown activation code");
   }
 }
-template <typename F>
+// A = float dispatches fp32/fp16/bf16, A = double fp64: each launcher is instantiated per accumulation
+// type, and only with its own dtypes (no fp64 tiled kernel, no fp32 one fed fp64 statistics).
+template <typename A, typename F>
 void dispatch_dtype_act(ScalarKind k, int act, F&& f) {
-  switch (k) {
-    case ScalarKind::kFloat: dispatch_act_for<float>(act, f); break;
-    case ScalarKind::kHalf: dispatch_act_for<__half>(act, f); break;
-    case ScalarKind::kBFloat16: dispatch_act_for<__nv_bfloat16>(act, f); break;
+  if (std::is_same<A, double>::value != (k == ScalarKind::kDouble))
+    throw std::invalid_argument("convmixer_kernels: the accumulation type does not match the input dtype");
+  if constexpr (std::is_same<A, double>::value) {
+    dispatch_act_for<double>(act, f);
+  } else {
+    switch (k) {
+      case ScalarKind::kFloat: dispatch_act_for<float>(act, f); break;
+      case ScalarKind::kHalf: dispatch_act_for<__half>(act, f); break;
+      case ScalarKind::kBFloat16: dispatch_act_for<__nv_bfloat16>(act, f); break;
+      default: break;
+    }
   }
 }
 
@@ -130,9 +190,9 @@ CMK_DEV int64_t elem_offset(const Layout& L, int64_t n, int64_t c, int64_t pix) 
 // multiple of 32, so lanes with equal t % cpb inside a warp combine by xor shuffles with offsets >= cpb.
 
 // Sums NV values per channel over the block; the result is valid in threads t < cpb.
-template <int NV>
-CMK_DEV void block_channel_sums(float (&v)[NV], int cpb) {
-  __shared__ float partial[NV][1024];
+template <int NV, typename A>
+CMK_DEV void block_channel_sums(A (&v)[NV], int cpb) {
+  __shared__ A partial[NV][1024];
   for (int off = kWarp / 2; off >= cpb; off >>= 1)
     for (int i = 0; i < NV; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], off);
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
@@ -141,7 +201,7 @@ CMK_DEV void block_channel_sums(float (&v)[NV], int cpb) {
   __syncthreads();
   if (tid < cpb)
     for (int i = 0; i < NV; ++i) {
-      float s = 0.f;
+      A s = 0;
       for (int w = 0; w < warps; ++w) s += partial[i][w * cpb + tid];
       v[i] = s;
     }
@@ -149,12 +209,13 @@ CMK_DEV void block_channel_sums(float (&v)[NV], int cpb) {
 }
 
 // Chan/Welford merge of per-thread statistics per channel over the block; valid in threads t < cpb.
-CMK_DEV void block_channel_welford(Welford<float>& a, int cpb) {
-  __shared__ float partial[3][1024];
+template <typename A>
+CMK_DEV void block_channel_welford(Welford<A>& a, int cpb) {
+  __shared__ A partial[3][1024];
   for (int off = kWarp / 2; off >= cpb; off >>= 1) {
-    const float n = __shfl_xor_sync(kFullMask, a.count, off);
-    const float m = __shfl_xor_sync(kFullMask, a.mean, off);
-    const float q = __shfl_xor_sync(kFullMask, a.m2, off);
+    const A n = __shfl_xor_sync(kFullMask, a.count, off);
+    const A m = __shfl_xor_sync(kFullMask, a.mean, off);
+    const A q = __shfl_xor_sync(kFullMask, a.m2, off);
     a.merge(n, m, q);
   }
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
@@ -165,7 +226,7 @@ CMK_DEV void block_channel_welford(Welford<float>& a, int cpb) {
   }
   __syncthreads();
   if (tid < cpb) {
-    Welford<float> r;
+    Welford<A> r;
     for (int w = 0; w < warps; ++w)
       r.merge(partial[0][w * cpb + tid], partial[1][w * cpb + tid], partial[2][w * cpb + tid]);
     a = r;
@@ -179,35 +240,37 @@ namespace {  // kernels: internal linkage in each translation unit that includes
 // over the splits, then an xor butterfly. Writes mean, biased var and rstd = 1/sqrt(var + eps). With
 // `shift` (C values, or null), the partial means are of g - shift[c] and the batch mean is shift[c] plus
 // their merge: one rounding at the end, however large the common offset of g.
-__global__ void welford_finalize_kernel(const float* ws, int64_t S, int64_t C, float eps, float* mean, float* var,
-                                        float* rstd, const float* shift) {
+template <typename A>
+__global__ void welford_finalize_kernel(const A* ws, int64_t S, int64_t C, A eps, A* mean, A* var, A* rstd,
+                                        const A* shift) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  Welford<float> a;
+  Welford<A> a;
   if (c < C)
     for (int64_t s = lane; s < S; s += kWarp) {
-      const float* p = ws + (s * C + c) * 3;
+      const A* p = ws + (s * C + c) * 3;
       a.merge(p[0], p[1], p[2]);
     }
   for (int off = kWarp / 2; off >= 1; off >>= 1) {
-    const float n = __shfl_xor_sync(kFullMask, a.count, off);
-    const float m = __shfl_xor_sync(kFullMask, a.mean, off);
-    const float q = __shfl_xor_sync(kFullMask, a.m2, off);
+    const A n = __shfl_xor_sync(kFullMask, a.count, off);
+    const A m = __shfl_xor_sync(kFullMask, a.mean, off);
+    const A q = __shfl_xor_sync(kFullMask, a.m2, off);
     a.merge(n, m, q);
   }
   if (lane == 0 && c < C) {
-    const float v = a.m2 / a.count;
+    const A v = a.m2 / a.count;
     mean[c] = shift != nullptr ? shift[c] + a.mean : a.mean;
     var[c] = v;
-    rstd[c] = rsqrtf(v + eps);
+    rstd[c] = rsqrt_acc(v + eps);
   }
 }
 
 // out[j] = sum_s ws[s][j] for j < width: one warp per column, shuffle-down reduction.
-__global__ void sum_splits_kernel(const float* ws, int64_t S, int64_t width, float* out) {
+template <typename A>
+__global__ void sum_splits_kernel(const A* ws, int64_t S, int64_t width, A* out) {
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  float s = 0.f;
+  A s = 0;
   if (j < width)
     for (int64_t i = lane; i < S; i += kWarp) s += ws[i * width + j];
   for (int off = kWarp / 2; off >= 1; off >>= 1) s += __shfl_down_sync(kFullMask, s, off);
@@ -219,11 +282,12 @@ __global__ void sum_splits_kernel(const float* ws, int64_t S, int64_t width, flo
 // dhat = sum ghat / M that is large against 1 when |mean| >> std or M is tiny (it gave dt a common component
 // that dw and db multiply by the full mean of u and act'(t); csrc/cpu/dw_block.cpp backward_impl). In place:
 // (sum dy, sum dy*(ghat - dhat), dhat); pass 2 centres ghat exactly with it.
-__global__ void recentre_sums_kernel(float* sums, int64_t C, float inv_m) {
+template <typename A>
+__global__ void recentre_sums_kernel(A* sums, int64_t C, A inv_m) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  float* s = sums + c * 3;
-  const float dhat = s[2] * inv_m;
+  A* s = sums + c * 3;
+  const A dhat = s[2] * inv_m;
   s[1] -= dhat * s[0];
   s[2] = dhat;
 }
@@ -237,22 +301,25 @@ constexpr int kFinalizeThreads = 64;
 #else
 constexpr int kFinalizeThreads = 256;
 #endif
-inline void launch_welford_finalize(const float* ws, int64_t S, int64_t C, float eps, float* mean, float* var,
-                                    float* rstd, void* stream, const float* shift = nullptr) {
+template <typename A>
+void launch_welford_finalize(const A* ws, int64_t S, int64_t C, A eps, A* mean, A* var, A* rstd, void* stream,
+                             const A* shift = nullptr) {
   const unsigned blocks = static_cast<unsigned>((C * kWarp + kFinalizeThreads - 1) / kFinalizeThreads);
-  auto kern = &welford_finalize_kernel;
+  auto kern = &welford_finalize_kernel<A>;
   CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, C, eps, mean, var, rstd, shift);
   CMK_CHECK_LAUNCH("welford_finalize_kernel");
 }
-inline void launch_sum_splits(const float* ws, int64_t S, int64_t width, float* out, void* stream) {
+template <typename A>
+void launch_sum_splits(const A* ws, int64_t S, int64_t width, A* out, void* stream) {
   const unsigned blocks = static_cast<unsigned>((width * kWarp + kFinalizeThreads - 1) / kFinalizeThreads);
-  auto kern = &sum_splits_kernel;
+  auto kern = &sum_splits_kernel<A>;
   CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, ws, S, width, out);
   CMK_CHECK_LAUNCH("sum_splits_kernel");
 }
-inline void launch_recentre_sums(float* sums, int64_t C, float inv_m, void* stream) {
+template <typename A>
+void launch_recentre_sums(A* sums, int64_t C, A inv_m, void* stream) {
   const unsigned blocks = static_cast<unsigned>((C + kFinalizeThreads - 1) / kFinalizeThreads);
-  auto kern = &recentre_sums_kernel;
+  auto kern = &recentre_sums_kernel<A>;
   CMK_LAUNCH(kern, dim3(blocks), dim3(kFinalizeThreads), 0, stream, sums, C, inv_m);
   CMK_CHECK_LAUNCH("recentre_sums_kernel");
 }

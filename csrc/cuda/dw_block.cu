@@ -3,7 +3,8 @@
 // loads, DESIGN.md section 3) or u = x without an input affine. DESIGN.md section 3 is the
 // specification; the formulas come from ../common/block_math.h.
 //
-// Kernels (fp32 accumulation for fp32/fp16/bf16; NCHW and channels_last):
+// Kernels (fp32 accumulation for fp32/fp16/bf16, fp64 for fp64, which runs the generic kernels only: the
+// launchers' exact path for training with few values per channel; NCHW and channels_last):
 //   dw_conv_tile_kernel<T, K, MODE>  k = 1..9 (K a template parameter, the conv fully unrolled). A block
 //                             owns kTileC channels x a th x tw spatial tile of one image. It stages u on the
 //                             tile plus its k-1 halo in shared memory once (fp32, the input affine applied on
@@ -31,36 +32,39 @@
 
 namespace cmk {
 namespace CMK_KNS {
-namespace {
-
-constexpr int kMaxGradItems = 8;  // (channel, tap) accumulators per thread in the backward tile kernel
 
 // One channel's input affine u = sc*(x - ce) + sh. The centre comes off first, as in BatchNorm: x - ce
 // is exact when x is near it, where sc*x + (sh - sc*ce) would cancel for |mean| >> std.
+template <typename A>
 struct ChannelAffine {
-  float ce, sc, sh;
-  CMK_DEV float operator()(float x) const { return sc * (x - ce) + sh; }
+  A ce, sc, sh;
+  CMK_DEV A operator()(A x) const { return sc * (x - ce) + sh; }
 };
 
-// The block's input u = scale[c]*(x - center[c]) + shift[c], in fp32 and not rounded: the previous
-// pointwise block's BN apply, folded into this block's loads. Null pointers (no input affine): u = x.
+// The block's input u = scale[c]*(x - center[c]) + shift[c], in the accumulation type and not rounded: the
+// previous pointwise block's BN apply, folded into this block's loads. Null pointers (no input affine): u = x.
+template <typename A>
 struct InputAffine {
-  const float* center;
-  const float* scale;
-  const float* shift;
-  CMK_DEV ChannelAffine of(int64_t c) const {
-    return scale != nullptr ? ChannelAffine{center[c], scale[c], shift[c]} : ChannelAffine{0.f, 1.f, 0.f};
+  const A* center;
+  const A* scale;
+  const A* shift;
+  CMK_DEV ChannelAffine<A> of(int64_t c) const {
+    return scale != nullptr ? ChannelAffine<A>{center[c], scale[c], shift[c]} : ChannelAffine<A>{0, 1, 0};
   }
 };
 
+namespace {  // (the two above are captured by the launchers' lambdas, members of exported templates)
+
+constexpr int kMaxGradItems = 8;  // (channel, tap) accumulators per thread in the backward tile kernel
+
 // t = b + sum_{i,j} w[c,i,j] * u[n, c, h+i-pl, w+j-pl] with u = af(x) read from global memory
 // (zero padding of u).
-template <typename T>
-CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, ChannelAffine af, const T* __restrict__ w,
-                      float bias, int64_t n, int64_t c, int64_t h, int64_t wc) {
+template <typename T, typename A = acc_of<T>>
+CMK_DEV A conv_at(const Layout& L, int k, const T* __restrict__ x, ChannelAffine<A> af, const T* __restrict__ w,
+                  A bias, int64_t n, int64_t c, int64_t h, int64_t wc) {
   const int pl = (k - 1) / 2;
   const T* wrow = w + c * k * k;
-  float acc = bias;
+  A acc = bias;
   for (int i = 0; i < k; ++i) {
     const int64_t hh = h + i - pl;
     if (hh < 0 || hh >= L.H) continue;
@@ -75,25 +79,26 @@ CMK_DEV float conv_at(const Layout& L, int k, const T* __restrict__ x, ChannelAf
 
 // grid (channel groups, splits); writes ws[split][c][3] = (count, mean, M2) of act(t).
 template <typename T, int ACT>
-__global__ void dw_stats_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
+__global__ void dw_stats_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine<acc_of<T>> in,
                                         const T* __restrict__ w, const T* __restrict__ b, int cpb, int64_t chunk,
-                                        float* __restrict__ ws) {
+                                        acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  Welford<float> acc;
+  Welford<A> acc;
   if (c < L.C) {
-    const float bc = to_acc(b[c]);
-    const ChannelAffine af = in.of(c);
+    const A bc = to_acc(b[c]);
+    const ChannelAffine<A> af = in.of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
-      const float t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
-      acc.merge(1.f, act_forward<ACT>(t), 0.f);
+      const A t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
+      acc.merge(A(1), act_forward<ACT>(t), A(0));
     }
   }
   block_channel_welford(acc, cpb);
   if (tid < cpb && c < L.C) {
-    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
+    A* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
     o[0] = acc.count;
     o[1] = acc.mean;
     o[2] = acc.m2;
@@ -103,10 +108,12 @@ __global__ void dw_stats_generic_kernel(Layout L, int k, const T* __restrict__ x
 // Grid-stride over items: NCHW one element each; channels_last VEC consecutive channels of a pixel.
 // u = af(x) on every tap and on the residual.
 template <typename T, int ACT, bool CL, int VEC>
-__global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in, const T* __restrict__ w,
-                                const T* __restrict__ b, const float* __restrict__ gamma,
-                                const float* __restrict__ beta, const float* __restrict__ mean,
-                                const float* __restrict__ rstd, T* __restrict__ y, int64_t items) {
+__global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine<acc_of<T>> in,
+                                        const T* __restrict__ w, const T* __restrict__ b,
+                                        const acc_of<T>* __restrict__ gamma, const acc_of<T>* __restrict__ beta,
+                                        const acc_of<T>* __restrict__ mean, const acc_of<T>* __restrict__ rstd,
+                                        T* __restrict__ y, int64_t items) {
+  using A = acc_of<T>;
   using P = Pack<T, VEC>;
   const int pl = (k - 1) / 2, kk = k * k;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -124,8 +131,8 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
       n = item / (L.HW * L.C);
     }
     const int64_t h = pix / L.W, wc = pix % L.W;
-    float acc[VEC];
-    ChannelAffine af[VEC];
+    A acc[VEC];
+    ChannelAffine<A> af[VEC];
     for (int v = 0; v < VEC; ++v) {
       acc[v] = to_acc(b[c0 + v]);
       af[v] = in.of(c0 + v);
@@ -146,8 +153,8 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
     P out;
     for (int v = 0; v < VEC; ++v) {
       const int64_t c = c0 + v;
-      const float a = gamma[c] * rstd[c];
-      const float u = af[v](to_acc(xc.v[v]));
+      const A a = gamma[c] * rstd[c];
+      const A u = af[v](to_acc(xc.v[v]));
       out.v[v] = from_acc<T>(u + a * act_forward<ACT>(acc[v]) + (beta[c] - mean[c] * a));
     }
     *reinterpret_cast<P*>(y + off) = out;
@@ -157,20 +164,22 @@ __global__ void dw_apply_generic_kernel(Layout L, int k, const T* __restrict__ x
 // grid (channel groups, splits); ws[split][c][3] = (sum dy, sum dy*ghat, sum ghat).
 template <typename T, int ACT>
 __global__ void dw_backward_reduce_generic_kernel(Layout L, int k, const T* __restrict__ dy, const T* __restrict__ x,
-                                          InputAffine in, const T* __restrict__ w, const T* __restrict__ b,
-                                          const float* __restrict__ mean, const float* __restrict__ rstd, int cpb,
-                                          int64_t chunk, float* __restrict__ ws) {
+                                                  InputAffine<acc_of<T>> in, const T* __restrict__ w,
+                                                  const T* __restrict__ b, const acc_of<T>* __restrict__ mean,
+                                                  const acc_of<T>* __restrict__ rstd, int cpb, int64_t chunk,
+                                                  acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
   const int tid = threadIdx.x, lane_c = tid % cpb;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cpb + lane_c;
   const int64_t M = L.N * L.HW, m0 = blockIdx.y * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-  float s[3] = {0.f, 0.f, 0.f};
+  A s[3] = {0, 0, 0};
   if (c < L.C) {
-    const float bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
-    const ChannelAffine af = in.of(c);
+    const A bc = to_acc(b[c]), mu = mean[c], rs = rstd[c];
+    const ChannelAffine<A> af = in.of(c);
     for (int64_t m = m0 + tid / cpb; m < m1; m += blockDim.x / cpb) {
       const int64_t n = m / L.HW, pix = m % L.HW;
-      const float t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
-      const float d = to_acc(dy[elem_offset(L, n, c, pix)]), ghat = (act_forward<ACT>(t) - mu) * rs;
+      const A t = conv_at(L, k, x, af, w, bc, n, c, pix / L.W, pix % L.W);
+      const A d = to_acc(dy[elem_offset(L, n, c, pix)]), ghat = (act_forward<ACT>(t) - mu) * rs;
       s[0] += d;
       s[1] += d * ghat;
       s[2] += ghat;
@@ -178,7 +187,7 @@ __global__ void dw_backward_reduce_generic_kernel(Layout L, int k, const T* __re
   }
   block_channel_sums<3>(s, cpb);
   if (tid < cpb && c < L.C) {
-    float* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
+    A* o = ws + (static_cast<int64_t>(blockIdx.y) * L.C + c) * 3;
     o[0] = s[0];
     o[1] = s[1];
     o[2] = s[2];
@@ -397,7 +406,7 @@ CMK_DEV void tile_reduce_epilogue(const TileView& v, const float* ds, float mu, 
 // loop's code is the same for every activation.
 template <typename T, int K, int MODE>
 __global__ void __launch_bounds__(kTileThreads, 2)
-    dw_conv_tile_kernel(Layout L, ConvTiling g, int act, bool vec, const T* __restrict__ x, InputAffine in,
+    dw_conv_tile_kernel(Layout L, ConvTiling g, int act, bool vec, const T* __restrict__ x, InputAffine<float> in,
                         const T* __restrict__ w, const T* __restrict__ b, const float* __restrict__ gamma,
                         const float* __restrict__ beta, const float* __restrict__ mean,
                         const float* __restrict__ rstd, const T* __restrict__ dy, T* __restrict__ y,
@@ -514,7 +523,7 @@ CMK_DEV void tile_dt_epilogue(float* dts, const float* dys, int DH, int DW, int 
 // dy [DH][DW][kTileC], parts [P][kTileC][K*K+1] with DWR = DW rounded up to kRowOut, P = tile_grad_parts.
 template <typename T, int K>
 __global__ void __launch_bounds__(kTileThreads, 2)
-    dw_backward_tile_kernel(Layout L, ConvTiling g, int act, const T* __restrict__ x, InputAffine in,
+    dw_backward_tile_kernel(Layout L, ConvTiling g, int act, const T* __restrict__ x, InputAffine<float> in,
                             const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
                             const float* __restrict__ gamma, const float* __restrict__ mean,
                             const float* __restrict__ rstd, const float* __restrict__ sums, float inv_m,
@@ -602,7 +611,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   float in_sums[2] = {0.f, 0.f};
   if (c_ok) {
-    const ChannelAffine af = in.of(c);
+    const ChannelAffine<float> af = in.of(c);
     T* dximg = dx + n * L.sN;
     const T* ximg = x + n * L.sN;
     for (int e = tid; e < g.th * g.tw * kTileC; e += nt) {
@@ -630,17 +639,18 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 // Writes dx and ws[split][c][dw_grad_columns(k)] = partial (dw taps, db, din_scale, din_shift); the
 // last two are sum du*(x - center) and sum du with the input affine, 0 without.
 template <typename T, int ACT>
-__global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine in,
-                                        const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
-                                        const float* __restrict__ gamma, const float* __restrict__ mean,
-                                        const float* __restrict__ rstd, const float* __restrict__ sums,
-                                        float inv_m, bool batch_stats, int th, int tw, int cpb, int64_t tiles_per_split,
-                                        T* __restrict__ dx, float* __restrict__ ws) {
-  CMK_DYNAMIC_SHARED(float, smem);
+__global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict__ x, InputAffine<acc_of<T>> in,
+                                           const T* __restrict__ dy, const T* __restrict__ w, const T* __restrict__ b,
+                                           const acc_of<T>* __restrict__ gamma, const acc_of<T>* __restrict__ mean,
+                                           const acc_of<T>* __restrict__ rstd, const acc_of<T>* __restrict__ sums,
+                                           acc_of<T> inv_m, bool batch_stats, int th, int tw, int cpb,
+                                           int64_t tiles_per_split, T* __restrict__ dx, acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
+  CMK_DYNAMIC_SHARED(A, smem);
   const int kk = k * k, pl = (k - 1) / 2, pr = k - 1 - pl, ncols = static_cast<int>(dw_grad_columns(k));
   const int xh = th + 2 * (k - 1), xw = tw + 2 * (k - 1), dh = th + k - 1, dw = tw + k - 1;
-  float* xs = smem;                 // u at rows h0-pr-pl .. , cols w0-pr-pl ..
-  float* dts = smem + xh * xw * cpb;  // dt at rows h0-pr .. , cols w0-pr ..
+  A* xs = smem;                   // u at rows h0-pr-pl .. , cols w0-pr-pl ..
+  A* dts = smem + xh * xw * cpb;  // dt at rows h0-pr .. , cols w0-pr ..
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * cpb;
   const int64_t tiles_w = ceil_div(L.W, tw), per_image = ceil_div(L.H, th) * tiles_w;
@@ -648,11 +658,11 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
   const int64_t t0 = blockIdx.y * tiles_per_split;
   const int64_t t1 = t0 + tiles_per_split < total ? t0 + tiles_per_split : total;
   const int nitems = cpb * (kk + 1);
-  float acc[kMaxGradItems];
-  for (int it = 0; it < kMaxGradItems; ++it) acc[it] = 0.f;
+  A acc[kMaxGradItems];
+  for (int it = 0; it < kMaxGradItems; ++it) acc[it] = 0;
   // (sum du*(x - center), sum du) of this thread's channel lane: element e of step 3 has lane e % cpb = tid % cpb,
   // since blockDim.x is a multiple of 32 and cpb divides 32.
-  float in_sums[2] = {0.f, 0.f};
+  A in_sums[2] = {0, 0};
 
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t n = tile / per_image, r = tile % per_image;
@@ -663,23 +673,23 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
       const int64_t hh = h0 - pr - pl + q / xw, ww = w0 - pr - pl + q % xw, c = c0 + cl;
       xs[e] = (hh >= 0 && hh < L.H && ww >= 0 && ww < L.W && c < L.C)
                   ? in.of(c)(to_acc(x[elem_offset(L, n, c, hh * L.W + ww)]))
-                  : 0.f;
+                  : A(0);
     }
     __syncthreads();
     // 2. dt on the tile plus its halo (zero outside the image)
     for (int e = tid; e < dh * dw * cpb; e += nt) {
       const int cl = e % cpb, q = e / cpb, row = q / dw, col = q % dw;
       const int64_t hh = h0 - pr + row, ww = w0 - pr + col, c = c0 + cl;
-      float dt = 0.f;
+      A dt = 0;
       if (hh >= 0 && hh < L.H && ww >= 0 && ww < L.W && c < L.C) {
-        float t = to_acc(b[c]);
+        A t = to_acc(b[c]);
         const T* wc = w + c * kk;
         for (int i = 0; i < k; ++i)
           for (int j = 0; j < k; ++j) t += to_acc(wc[i * k + j]) * xs[((row + i) * xw + col + j) * cpb + cl];
-        const float rs = rstd[c], a = gamma[c] * rs;
-        const float ghat = (act_forward<ACT>(t) - mean[c]) * rs - (batch_stats ? sums[c * 3 + 2] : 0.f);
-        const float c1 = batch_stats ? sums[c * 3] * inv_m : 0.f, c2 = batch_stats ? sums[c * 3 + 1] * inv_m : 0.f;
-        const float d = to_acc(dy[elem_offset(L, n, c, hh * L.W + ww)]);
+        const A rs = rstd[c], a = gamma[c] * rs;
+        const A ghat = (act_forward<ACT>(t) - mean[c]) * rs - (batch_stats ? sums[c * 3 + 2] : A(0));
+        const A c1 = batch_stats ? sums[c * 3] * inv_m : A(0), c2 = batch_stats ? sums[c * 3 + 1] * inv_m : A(0);
+        const A d = to_acc(dy[elem_offset(L, n, c, hh * L.W + ww)]);
         dt = a * (d - c1 - ghat * c2) * act_backward<ACT>(t);
       }
       dts[e] = dt;
@@ -691,7 +701,7 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
       const int64_t hh = h0 + row, ww = w0 + col, c = c0 + cl;
       if (hh < L.H && ww < L.W && c < L.C) {
         const int64_t off = elem_offset(L, n, c, hh * L.W + ww);
-        float du = to_acc(dy[off]);
+        A du = to_acc(dy[off]);
         const T* wc = w + c * kk;
         for (int i = 0; i < k; ++i)
           for (int j = 0; j < k; ++j)
@@ -709,7 +719,7 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
       const int item = tid + it * nt;
       if (item >= nitems) break;
       const int cl = item % cpb, slot = item / cpb;
-      float s = 0.f;
+      A s = 0;
       if (slot < kk) {
         const int i = slot / k, j = slot % k;
         for (int row = 0; row < th; ++row)
@@ -723,7 +733,7 @@ __global__ void dw_backward_generic_kernel(Layout L, int k, const T* __restrict_
     }
     __syncthreads();
   }
-  float* ws_split = ws + static_cast<int64_t>(blockIdx.y) * L.C * ncols;
+  A* ws_split = ws + static_cast<int64_t>(blockIdx.y) * L.C * ncols;
   for (int it = 0; it < kMaxGradItems; ++it) {
     const int item = tid + it * nt;
     if (item >= nitems) break;
@@ -743,9 +753,11 @@ struct TilePlan {
   int64_t groups, splits, tiles_per_split;
   size_t smem_bytes;
 };
-TilePlan plan_tiles(const Problem& p, int64_t k, const LaunchShape& s) {
+// elem_bytes: the accumulation type's size. fp64 halves the channel lanes, so its tiles take the shared
+// memory of fp32's.
+TilePlan plan_tiles(const Problem& p, int64_t k, const LaunchShape& s, int elem_bytes) {
   TilePlan q;
-  q.cpb = p.channels_last ? s.tile_channels : 1;
+  q.cpb = p.channels_last ? std::max(1, s.tile_channels * 4 / elem_bytes) : 1;
   q.th = s.tile_h;
   q.tw = s.tile_w;
   q.groups = ceil_div(p.C, q.cpb);
@@ -754,7 +766,7 @@ TilePlan plan_tiles(const Problem& p, int64_t k, const LaunchShape& s) {
   q.tiles_per_split = ceil_div(total, q.splits);
   q.splits = ceil_div(total, q.tiles_per_split);
   const int64_t xe = (q.th + 2 * (k - 1)) * (q.tw + 2 * (k - 1)), de = (q.th + k - 1) * (q.tw + k - 1);
-  q.smem_bytes = static_cast<size_t>((xe + de) * q.cpb) * sizeof(float);
+  q.smem_bytes = static_cast<size_t>((xe + de) * q.cpb) * elem_bytes;
   if (q.cpb * (k * k + 1) > kMaxGradItems * s.threads)
     throw std::invalid_argument("convmixer_kernels: depthwise backward tile has more (channel, tap) items than "
                                 "threads * kMaxGradItems; lower tile_channels");
@@ -818,7 +830,7 @@ void dispatch_tiled_k(int64_t k, F&& f) {
 // (kStats, kReduce).
 template <typename T, int MODE>
 void launch_conv_tiles(const Problem& p, int64_t k, const LaunchShape& s, const ConvTiling& g, const T* x,
-                       InputAffine in, const T* w, const T* b, const float* gamma, const float* beta,
+                       InputAffine<float> in, const T* w, const T* b, const float* gamma, const float* beta,
                        const float* mean, const float* rstd, const T* dy, T* y, float* ws, void* stream) {
   if (s.threads > kTileThreads || s.threads % kWarp != 0)
     throw std::invalid_argument("convmixer_kernels: the tiled depthwise kernel needs blockDim <= 256, a multiple of 32");
@@ -851,7 +863,7 @@ size_t backward_tile_smem_bytes(int64_t k, const ConvTiling& g, int threads) {
 
 template <typename T>
 void launch_backward_tiles(const Problem& p, int64_t k, const LaunchShape& s, const ConvTiling& g, const T* x,
-                           InputAffine in, const T* dy, const T* w, const T* b, const float* gamma, const float* mean,
+                           InputAffine<float> in, const T* dy, const T* w, const T* b, const float* gamma, const float* mean,
                            const float* rstd, const float* sums, float inv_m, bool batch_stats, T* dx, float* ws,
                            void* stream) {
   if (s.threads > kTileThreads || s.threads % kWarp != 0)
@@ -872,48 +884,56 @@ void launch_backward_tiles(const Problem& p, int64_t k, const LaunchShape& s, co
 
 }  // namespace
 
-int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape& s) {
+template <typename A>
+int64_t DwBlockLaunch<A>::workspace_elems(const Problem& p, int64_t k, const LaunchShape& s) {
   const SplitPlan sp = plan_splits(p, s);
-  const TilePlan tp = plan_tiles(p, k, s);
+  const TilePlan tp = plan_tiles(p, k, s, sizeof(A));
+  const int64_t generic = std::max<int64_t>(sp.splits * p.C * 3, tp.splits * p.C * dw_grad_columns(k));
+  if (std::is_same<A, double>::value) return generic;  // no tiled kernels
   const int64_t conv = (conv_tiles(p, plan_conv_tiling(p, s)) * 3 + 1) * p.C;  // tiled partials + shift
   const int64_t bwd = conv_tiles(p, plan_backward_tiling(p, s)) * p.C * dw_grad_columns(k);
-  return std::max<int64_t>({sp.splits * p.C * 3, tp.splits * p.C * dw_grad_columns(k), conv, bwd});
+  return std::max<int64_t>({generic, conv, bwd});
 }
 
-void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_center,
-                             const float* in_scale, const float* in_shift, const void* w, const void* b,
-                             const float* gamma, const float* beta, float* mean, float* rstd, float* var,
-                             bool batch_stats, bool apply, float eps, void* y, float* ws, void* stream) {
+template <typename A>
+void DwBlockLaunch<A>::forward(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const A* in_center,
+                               const A* in_scale, const A* in_shift, const void* w, const void* b, const A* gamma,
+                               const A* beta, A* mean, A* rstd, A* var, bool batch_stats, bool apply, A eps, void* y,
+                               A* ws, void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
-  const InputAffine in{in_center, in_scale, in_shift};
-  dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
+  const InputAffine<A> in{in_center, in_scale, in_shift};
+  dispatch_dtype_act<A>(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
-    constexpr int A = decltype(act)::value;
+    constexpr int ACT = decltype(act)::value;
     const T* xp = static_cast<const T*>(x);
     const T* wp = static_cast<const T*>(w);
     const T* bp = static_cast<const T*>(b);
     T* yp = static_cast<T*>(y);
-    const ConvTiling g = plan_conv_tiling(p, s);
-    const bool tiled = use_conv_tiles(p, k, g);
-    if (batch_stats && tiled) {
-      launch_conv_tiles<T, kStats>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                   ws, stream);
-      launch_welford_finalize(ws, conv_tiles(p, g), p.C, eps, mean, var, rstd, stream,
-                              ws + conv_tiles(p, g) * p.C * 3);
-    } else if (batch_stats) {
+    if constexpr (has_tiled_kernels<T>()) {
+      const ConvTiling g = plan_conv_tiling(p, s);
+      if (use_conv_tiles(p, k, g)) {
+        if (batch_stats) {
+          launch_conv_tiles<T, kStats>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                       nullptr, ws, stream);
+          launch_welford_finalize(ws, conv_tiles(p, g), p.C, eps, mean, var, rstd, stream,
+                                  static_cast<const A*>(ws + conv_tiles(p, g) * p.C * 3));
+        }
+        if (apply)
+          launch_conv_tiles<T, kApply>(p, k, s, g, xp, in, wp, bp, gamma, beta, mean, rstd, nullptr, yp, nullptr,
+                                       stream);
+        return;
+      }
+    }
+    if (batch_stats) {
       const SplitPlan sp = plan_splits(p, s);
-      auto kern = &dw_stats_generic_kernel<T, A>;
+      auto kern = &dw_stats_generic_kernel<T, ACT>;
       CMK_LAUNCH(kern, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads), 0,
                  stream, L, ki, xp, in, wp, bp, sp.cpb, sp.chunk, ws);
       CMK_CHECK_LAUNCH("dw_stats_generic_kernel");
-      launch_welford_finalize(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
+      launch_welford_finalize<A>(ws, sp.splits, p.C, eps, mean, var, rstd, stream);
     }
     if (!apply) return;  // synchronized BN: applied later with the global statistics
-    if (tiled) {
-      launch_conv_tiles<T, kApply>(p, k, s, g, xp, in, wp, bp, gamma, beta, mean, rstd, nullptr, yp, nullptr, stream);
-      return;
-    }
     constexpr int V = pack16<T>();
     const bool vec = p.channels_last && p.C % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(y) % 16 == 0;
@@ -921,15 +941,15 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
     const unsigned blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min<int64_t>(s.elementwise_blocks, ceil_div(items, s.threads))));
     if (vec) {
-      auto kern = &dw_apply_generic_kernel<T, A, true, V>;
+      auto kern = &dw_apply_generic_kernel<T, ACT, true, V>;
       CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
                  items);
     } else if (p.channels_last) {
-      auto kern = &dw_apply_generic_kernel<T, A, true, 1>;
+      auto kern = &dw_apply_generic_kernel<T, ACT, true, 1>;
       CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
                  items);
     } else {
-      auto kern = &dw_apply_generic_kernel<T, A, false, 1>;
+      auto kern = &dw_apply_generic_kernel<T, ACT, false, 1>;
       CMK_LAUNCH(kern, dim3(blocks), dim3(s.threads), 0, stream, L, ki, xp, in, wp, bp, gamma, beta, mean, rstd, yp,
                  items);
     }
@@ -937,17 +957,18 @@ void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, 
   });
 }
 
-void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
-                              const float* in_center, const float* in_scale, const float* in_shift, const void* w,
-                              const void* b, const float* gamma, const float* mean, const float* rstd, bool batch_stats,
-                              bool sums_given, bool reduce_only, void* dx, float* sums, float* grads, float* ws,
-                              void* stream) {
+template <typename A>
+void DwBlockLaunch<A>::backward(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
+                                const A* in_center, const A* in_scale, const A* in_shift, const void* w, const void* b,
+                                const A* gamma, const A* mean, const A* rstd, bool batch_stats, bool sums_given,
+                                bool reduce_only, void* dx, A* sums, A* grads, A* ws, void* stream) {
   const Layout L = make_layout(p);
   const int ki = static_cast<int>(k);
-  const InputAffine in{in_center, in_scale, in_shift};
-  dispatch_dtype_act(p.dtype, p.act, [&](auto tag, auto act) {
+  const InputAffine<A> in{in_center, in_scale, in_shift};
+  dispatch_dtype_act<A>(p.dtype, p.act, [&](auto tag, auto act) {
     using T = typename decltype(tag)::type;
-    constexpr int A = decltype(act)::value;
+    constexpr int ACT = decltype(act)::value;
+    constexpr bool tiled_kernels = has_tiled_kernels<T>();
     const T* dyp = static_cast<const T*>(dy);
     const T* xp = static_cast<const T*>(x);
     const T* wp = static_cast<const T*>(w);
@@ -956,40 +977,50 @@ void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s,
     // synchronized BN gives the global means instead (sums_given: c1, c2 = sums, so inv_m = 1).
     if (!sums_given) {
       const ConvTiling g = plan_conv_tiling(p, s);
-      if (use_conv_tiles(p, k, g)) {
-        launch_conv_tiles<T, kReduce>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, mean, rstd, dyp, nullptr, ws,
-                                      stream);
-        launch_sum_splits(ws, conv_tiles(p, g), p.C * 3, sums, stream);
-      } else {
+      bool done = false;
+      if constexpr (tiled_kernels) {
+        if (use_conv_tiles(p, k, g)) {
+          launch_conv_tiles<T, kReduce>(p, k, s, g, xp, in, wp, bp, nullptr, nullptr, mean, rstd, dyp, nullptr, ws,
+                                        stream);
+          launch_sum_splits<A>(ws, conv_tiles(p, g), p.C * 3, sums, stream);
+          done = true;
+        }
+      }
+      if (!done) {
         const SplitPlan sp = plan_splits(p, s);
-        auto reduce = &dw_backward_reduce_generic_kernel<T, A>;
+        auto reduce = &dw_backward_reduce_generic_kernel<T, ACT>;
         CMK_LAUNCH(reduce, dim3(static_cast<unsigned>(sp.groups), static_cast<unsigned>(sp.splits)), dim3(s.threads),
                    0, stream, L, ki, dyp, xp, in, wp, bp, mean, rstd, sp.cpb, sp.chunk, ws);
         CMK_CHECK_LAUNCH("dw_backward_reduce_generic_kernel");
-        launch_sum_splits(ws, sp.splits, p.C * 3, sums, stream);
+        launch_sum_splits<A>(ws, sp.splits, p.C * 3, sums, stream);
       }
     }
     if (reduce_only) return;
-    const float inv_m = sums_given ? 1.f : 1.f / static_cast<float>(L.N * L.HW);
-    if (batch_stats && !sums_given) launch_recentre_sums(sums, p.C, inv_m, stream);
+    const A inv_m = sums_given ? A(1) : A(1) / static_cast<A>(L.N * L.HW);
+    if (batch_stats && !sums_given) launch_recentre_sums<A>(sums, p.C, inv_m, stream);
     // Pass 2: dt, du, dx, and the dw/db/din_scale/din_shift partials on shared-memory tiles.
-    const ConvTiling bg = plan_backward_tiling(p, s);
-    if (use_conv_tiles(p, k, bg)) {
-      launch_backward_tiles<T>(p, k, s, bg, xp, in, dyp, wp, bp, gamma, mean, rstd, sums, inv_m, batch_stats,
-                               static_cast<T*>(dx), ws, stream);
-      launch_sum_splits(ws, conv_tiles(p, bg), p.C * dw_grad_columns(k), grads, stream);
-      return;
+    if constexpr (tiled_kernels) {
+      const ConvTiling bg = plan_backward_tiling(p, s);
+      if (use_conv_tiles(p, k, bg)) {
+        launch_backward_tiles<T>(p, k, s, bg, xp, in, dyp, wp, bp, gamma, mean, rstd, sums, inv_m, batch_stats,
+                                 static_cast<T*>(dx), ws, stream);
+        launch_sum_splits<A>(ws, conv_tiles(p, bg), p.C * dw_grad_columns(k), grads, stream);
+        return;
+      }
     }
-    const TilePlan tp = plan_tiles(p, k, s);
-    auto tile = &dw_backward_generic_kernel<T, A>;
+    const TilePlan tp = plan_tiles(p, k, s, sizeof(A));
+    auto tile = &dw_backward_generic_kernel<T, ACT>;
     allow_dynamic_smem(reinterpret_cast<const void*>(tile), tp.smem_bytes, "dw_backward_generic_kernel");
     CMK_LAUNCH(tile, dim3(static_cast<unsigned>(tp.groups), static_cast<unsigned>(tp.splits)), dim3(s.threads),
-               tp.smem_bytes, stream, L, ki, xp, in, dyp, wp, bp, gamma, mean, rstd, static_cast<const float*>(sums),
+               tp.smem_bytes, stream, L, ki, xp, in, dyp, wp, bp, gamma, mean, rstd, static_cast<const A*>(sums),
                inv_m, batch_stats, tp.th, tp.tw, tp.cpb, tp.tiles_per_split, static_cast<T*>(dx), ws);
     CMK_CHECK_LAUNCH("dw_backward_generic_kernel");
-    launch_sum_splits(ws, tp.splits, p.C * dw_grad_columns(k), grads, stream);
+    launch_sum_splits<A>(ws, tp.splits, p.C * dw_grad_columns(k), grads, stream);
   });
 }
+
+template struct DwBlockLaunch<float>;
+template struct DwBlockLaunch<double>;
 
 }  // namespace CMK_KNS
 }  // namespace cmk

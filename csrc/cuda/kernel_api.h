@@ -15,7 +15,7 @@
 namespace cmk {
 namespace CMK_KNS {
 
-enum class ScalarKind : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+enum class ScalarKind : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
 
 // A dense (N, C, H, W) activation in NCHW or channels_last.
 struct Problem {
@@ -45,55 +45,66 @@ struct LaunchShape {
 namespace cmk {
 namespace CMK_KNS {
 
-// --- depthwise block (dw_block.cu) ------------------------------------------------------------------
-// Floats of device workspace that dw_block_{forward,backward}_launch need.
-int64_t dw_block_workspace_floats(const Problem& p, int64_t k, const LaunchShape& s);
+// Every launcher below is a static member of a struct templated on A, the accumulation type: float for
+// fp32/fp16/bf16 inputs, double for fp64 ones (the generic kernels only). A is also the type of every
+// per-channel tensor (statistics, BN parameters, input affine, gradient sums) and of the workspace. The
+// at::Tensor launchers run fp32/bf16/fp16 training with at most cpu::kExactTrainingMaxCount values per
+// channel through A = double as well, on fp64 copies, rounding once at the end (as the CPU backend does).
 
+// --- depthwise block (dw_block.cu) ------------------------------------------------------------------
 // Columns of the backward's per-channel gradients grads[C][.]: the k*k weight taps, db, din_scale, din_shift.
 constexpr int64_t dw_grad_columns(int64_t k) { return k * k + 3; }
 
-// y = u + gamma*(act(dwconv_k(u) + b) - mean)*rstd + beta with u = in_scale[c]*(x - in_center[c]) +
-// in_shift[c] (fp32, C values each), or u = x when the three are null. batch_stats: mean/rstd/var are outputs
-// (batch statistics, biased var); otherwise mean/rstd are inputs and var is unused. !apply: statistics
-// only (a synchronized BN's pass 1), y untouched.
-void dw_block_forward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const float* in_center,
-                             const float* in_scale, const float* in_shift, const void* w, const void* b,
-                             const float* gamma, const float* beta, float* mean, float* rstd, float* var,
-                             bool batch_stats, bool apply, float eps, void* y, float* ws, void* stream);
+template <typename A>
+struct DwBlockLaunch {
+  // Elements (of A) of device workspace that forward and backward need.
+  static int64_t workspace_elems(const Problem& p, int64_t k, const LaunchShape& s);
 
-// With du = dL/du = dy + conv_transpose(dt): dx = in_scale*du (du without an input affine; input dtype);
-// sums[C][3] = (sum dy, sum dy*ghat, dhat) = (dbeta, dgamma, the recentring of ghat on the exact mean of g;
-// in eval the third column is sum ghat, unused); grads[C][dw_grad_columns(k)] = (dw taps, db,
-// sum du*(x - in_center), sum du) in fp32, the last two 0 without an input affine. Synchronized BN: sums_given, sums
-// holds the global (mean dy, mean dy*(ghat - dhat), dhat) and pass 1 is skipped; reduce_only stops after pass 1
-// (sums then (sum dy, sum dy*ghat, sum ghat), not recentred: the caller merges them across ranks first).
-void dw_block_backward_launch(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
-                              const float* in_center, const float* in_scale, const float* in_shift, const void* w,
-                              const void* b,
-                              const float* gamma, const float* mean, const float* rstd, bool batch_stats,
-                              bool sums_given, bool reduce_only, void* dx, float* sums, float* grads, float* ws,
-                              void* stream);
+  // y = u + gamma*(act(dwconv_k(u) + b) - mean)*rstd + beta with u = in_scale[c]*(x - in_center[c]) +
+  // in_shift[c] (C values each), or u = x when the three are null. batch_stats: mean/rstd/var are outputs
+  // (batch statistics, biased var); otherwise mean/rstd are inputs and var is unused. !apply: statistics
+  // only (a synchronized BN's pass 1), y untouched.
+  static void forward(const Problem& p, int64_t k, const LaunchShape& s, const void* x, const A* in_center,
+                      const A* in_scale, const A* in_shift, const void* w, const void* b, const A* gamma,
+                      const A* beta, A* mean, A* rstd, A* var, bool batch_stats, bool apply, A eps, void* y, A* ws,
+                      void* stream);
+
+  // With du = dL/du = dy + conv_transpose(dt): dx = in_scale*du (du without an input affine; input dtype);
+  // sums[C][3] = (sum dy, sum dy*ghat, dhat) = (dbeta, dgamma, the recentring of ghat on the exact mean of g;
+  // in eval the third column is sum ghat, unused); grads[C][dw_grad_columns(k)] = (dw taps, db,
+  // sum du*(x - in_center), sum du), the last two 0 without an input affine. Synchronized BN: sums_given, sums
+  // holds the global (mean dy, mean dy*(ghat - dhat), dhat) and pass 1 is skipped; reduce_only stops after
+  // pass 1 (sums then (sum dy, sum dy*ghat, sum ghat), not recentred: the caller merges them across ranks first).
+  static void backward(const Problem& p, int64_t k, const LaunchShape& s, const void* dy, const void* x,
+                       const A* in_center, const A* in_scale, const A* in_shift, const void* w, const void* b,
+                       const A* gamma, const A* mean, const A* rstd, bool batch_stats, bool sums_given,
+                       bool reduce_only, void* dx, A* sums, A* grads, A* ws, void* stream);
+};
 
 // --- conv -> act -> BN epilogue of a GEMM (conv_act_bn.cu) --------------------------------------------
-// T is the GEMM output without bias, fp32, laid out like the result (Problem p with H x W = Ho x Wo).
-int64_t conv_act_bn_workspace_floats(const Problem& p, const LaunchShape& s);
+// T is the GEMM output without bias, in A, laid out like the result (Problem p with H x W = Ho x Wo).
+// stored: the dtype the caller's y is returned in (p.dtype but on the exact path); a deferred BN's
+// statistics, and its backward's ghat, are of g rounded to it.
+template <typename A>
+struct ConvActBnLaunch {
+  static int64_t workspace_elems(const Problem& p, const LaunchShape& s);
 
-// Training (batch_stats): T += b in place, batch mean/var/rstd into mean/var/rstd, then the apply pass.
-// Eval: the apply pass with t = T + b. Apply: y = gamma*(act(t) - mean)*rstd + beta, or y = act(t)
-// when !apply_bn (the next depthwise block applies the BN); t_out (input dtype, may be null) = t.
-void conv_act_bn_forward_launch(const Problem& p, const LaunchShape& s, float* T, const void* b, const float* gamma,
-                                const float* beta, float* mean, float* rstd, float* var, bool batch_stats, float eps,
-                                bool apply_bn, void* y, void* t_out, float* ws, void* stream);
+  // Training (batch_stats): T += b in place, batch mean/var/rstd into mean/var/rstd, then the apply pass.
+  // Eval: the apply pass with t = T + b. Apply: y = gamma*(act(t) - mean)*rstd + beta, or y = act(t)
+  // when !apply_bn (the next depthwise block applies the BN); t_out (input dtype, may be null) = t.
+  static void forward(const Problem& p, const LaunchShape& s, ScalarKind stored, A* T, const void* b,
+                      const A* gamma, const A* beta, A* mean, A* rstd, A* var, bool batch_stats, A eps,
+                      bool apply_bn, void* y, void* t_out, A* ws, void* stream);
 
-// t is either t_saved (input dtype) or T_acc + b rounded to the input dtype. Writes dT (input dtype) and
-// sum_dt[C] (fp32); with apply_bn also sums[C][3] = (sum dy, sum dy*ghat, dhat) as in dw_block_backward_launch
-// (dgamma = sum dy*(ghat - dhat) in training). Without apply_bn, dy is dL/dg
-// for g = act(t) and dmean/drstd (C values, or null: zero) the gradients of the batch mean and rstd;
-// sums is not touched.
-void conv_act_bn_backward_launch(const Problem& p, const LaunchShape& s, const void* dy, const void* t_saved,
-                                 const float* T_acc, const void* b, const float* gamma, const float* mean,
-                                 const float* rstd, const float* dmean, const float* drstd, bool batch_stats,
-                                 bool apply_bn, void* dT, float* sums, float* sum_dt, float* ws, void* stream);
+  // t is either t_saved (input dtype) or T_acc + b rounded to the input dtype. Writes dT (input dtype) and
+  // sum_dt[C]; with apply_bn also sums[C][3] = (sum dy, sum dy*ghat, dhat) as in DwBlockLaunch::backward
+  // (dgamma = sum dy*(ghat - dhat) in training). Without apply_bn, dy is dL/dg for g = act(t) and
+  // dmean/drstd (C values, or null: zero) the gradients of the batch mean and rstd; sums is not touched.
+  static void backward(const Problem& p, const LaunchShape& s, ScalarKind stored, const void* dy,
+                       const void* t_saved, const A* T_acc, const void* b, const A* gamma, const A* mean,
+                       const A* rstd, const A* dmean, const A* drstd, bool batch_stats, bool apply_bn, void* dT,
+                       A* sums, A* sum_dt, A* ws, void* stream);
+};
 
 }  // namespace CMK_KNS
 }  // namespace cmk

@@ -43,9 +43,10 @@ inline ScalarKind scalar_kind(const char* op, at::ScalarType s) {
     case at::kFloat: return ScalarKind::kFloat;
     case at::kHalf: return ScalarKind::kHalf;
     case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kDouble: return ScalarKind::kDouble;
     default:
       TORCH_CHECK(false, op, " (", kBackendName, " backend): unsupported dtype ", s,
-                  " (float32, float16, bfloat16; float64 runs on the cpu backend)");
+                  " (float32, float16, bfloat16, float64)");
   }
 }
 
@@ -57,11 +58,31 @@ inline void check_activation(const char* op, const at::Tensor& x) {
   scalar_kind(op, x.scalar_type());
 }
 
-inline void check_per_channel_f32(const char* op, const char* name, const at::Tensor& t, int64_t C) {
+// The accumulation dtype of an input: float64 for float64, float32 otherwise. Every per-channel tensor
+// (statistics, BN parameters, input affine) is in it.
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_per_channel(const char* op, const char* name, const at::Tensor& t, int64_t C, at::ScalarType acc) {
   check_on_device(op, name, t);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous(), op, ": ", name,
               " must be a contiguous 1-D tensor of ", C, " elements, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of the input), got ",
+              t.scalar_type());
+}
+
+// f(A{}) with A the C++ accumulation type of dtype acc (acc_dtype).
+template <typename F>
+decltype(auto) with_acc_type(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) return f(double{});
+  return f(float{});
+}
+
+// A pointer to t's data as A, or null for an empty t (an absent optional input).
+template <typename A>
+const A* data_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<A>() : nullptr;
 }
 
 inline Problem make_problem(const at::Tensor& x, int64_t C, int64_t H, int64_t W, int64_t act) {
@@ -88,8 +109,8 @@ inline LaunchShape launch_shape(const Problem& p) {
 #endif
 }
 
-inline at::Tensor workspace(const at::Tensor& like, int64_t floats) {
-  return at::empty({std::max<int64_t>(floats, 1)}, like.options().dtype(at::kFloat));
+inline at::Tensor workspace(const at::Tensor& like, int64_t elems, at::ScalarType acc) {
+  return at::empty({std::max<int64_t>(elems, 1)}, like.options().dtype(acc));
 }
 
 }  // namespace CMK_KNS
