@@ -25,8 +25,16 @@ def info():
         print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
 
 
-def _cases(device):
-    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def default_dtypes(device):
+    # fp64 too: every backend runs it (the exact path for few values per channel goes through the same
+    # kernels), and its bound is atol alone, since PyTorch's fp64 result is the reference.
+    return ["fp32", "bf16"] + (["fp16"] if device == "cuda" else []) + ["fp64"]
+
+
+def _cases(dtypes):
     for dtype in dtypes:
         for layout in ("nchw", "channels_last"):
             for training in (True, False):
@@ -40,7 +48,13 @@ def main(argv=None):
                                                      "that runs on the device)")
     ap.add_argument("--no-emulator", action="store_true",
                     help="leave out cuda_emu (the CUDA kernels emulated on the CPU: slow, a test harness)")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp32, bf16, fp16, fp64 (default: fp32, bf16, "
+                                                   "fp64, and fp16 on CUDA)")
     args = ap.parse_args(argv)
+    dtype_names = args.dtypes.split(",") if args.dtypes else default_dtypes(args.device)
+    for n in dtype_names:
+        if n not in DTYPES:
+            raise SystemExit(f"verify: unknown dtype {n!r} (expected one of {', '.join(DTYPES)})")
     avail = backends.available_backends()
     names = args.backends.split(",") if args.backends else [
         n for n, (ok, _) in avail.items() if ok and n != "reference" and
@@ -49,7 +63,7 @@ def main(argv=None):
     failures = 0
     torch.manual_seed(0)
     for backend in names:
-        for dtype, layout, training in _cases(args.device):
+        for dtype, layout, training in _cases([DTYPES[n] for n in dtype_names]):
             for kind, act, k, patch in (("dw", "gelu", 9, 1), ("dw", "relu", 4, 1), ("pw", "gelu", 1, 1),
                                         ("stem", "gelu_tanh", 1, 2), ("pw>dw", "gelu", 7, 1)):
                 cin, C = (3, 24) if kind == "stem" else (24, 24)

@@ -26,7 +26,7 @@ def params(*args, **kw):
     return {k: (v.cuda() if v is not None else None) for k, v in make_block_params(*args, **kw).items()}
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", (True, False))
 @pytest.mark.parametrize("act", ACTS)
@@ -43,7 +43,7 @@ def test_dw_shapes(k, C, HW, layout):
               backend="cuda")
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", (True, False))
 @pytest.mark.parametrize("patch,save_t", ((1, True), (1, False), (7, False)))
