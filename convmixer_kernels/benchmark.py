@@ -94,6 +94,9 @@ which includes torch.compile's compile and Triton's autotuning)
                     train_bwd (an untimed forward before each call) and the CPU (--dry-run) use do_bench's
                     emulation instead: calls timed one by one as under --timer call, at least 3 and up to
                     the round's milliseconds (at most 50), their median; no L2 flush.
+  --settle-ms       an untimed pause before each timed call: by default 250 ms on the CPU when a peer runtime
+                    is among the variants (ONNX Runtime's threads spin after its calls and halved the rate of
+                    the next variant's GEMMs), otherwise none.
 
 Ceilings, measured once at start
   copy      CPU: a 32 MiB fp32 clone (past the L2 of one core pair); CUDA: a 2 GiB bf16 device-to-device
@@ -733,6 +736,7 @@ class Settings:
     compile_timeout_s: float = 150.0
     variants: List[str] = field(default_factory=list)   # empty: every variant
     peers: List[str] = field(default_factory=list)      # CPU runtimes (cpu_peers.PEERS) in the eval rows
+    settle_ms: Optional[float] = None                   # pause before each timed CPU call (None: see _settle_s)
     dtype_modes: Dict[str, tuple] = field(default_factory=dict)  # the profile's modes per dtype (no --modes)
 
     def case_modes(self, case: "Case", dtype: str) -> List[str]:
@@ -752,6 +756,17 @@ class Settings:
 def _result(case: Case, mode: str, dtype_name: str, name: str, spec: tuple, st: Settings, **kw) -> Result:
     return Result(case.name, mode, name, op=case.op, kind=case.kind, dtype=dtype_name, backend=spec[1],
                   layout=spec[2], batch=case.batch, key=case.key, shape=case.shape, timer=st.timer, **kw)
+
+
+def _settle_s(variants: List[Variant], st: Settings) -> float:
+    """Seconds to pause before each timed call. ONNX Runtime's worker threads spin after a call (its default,
+    session.intra_op.allow_spinning), and on a 2-core machine a torch GEMM timed right after an ONNX Runtime
+    call ran at half its rate (benchmarks/RESULTS.md); a 30 ms pause was not enough, 200 ms was. So on the CPU,
+    with a peer runtime among the variants, every timed call starts after 250 ms with no other runtime's
+    threads awake; the pause is not timed. --settle-ms sets it."""
+    if st.settle_ms is not None:
+        return st.settle_ms / 1e3
+    return 0.25 if st.device == "cpu" and any(v.call is not None for v in variants) else 0.0
 
 
 def bench_mode(case: Case, mode: str, dtype_name: str, variants: List[Variant], dy0: torch.Tensor,
@@ -805,10 +820,12 @@ def bench_mode(case: Case, mode: str, dtype_name: str, variants: List[Variant], 
             log(f"    {v.name}: {res.status}")
             if st.verbose or os.environ.get("CONVMIXER_BENCH_DEBUG"):
                 traceback.print_exc()
+    settle = _settle_s(variants, st)
     for r in range(reps):
         for name, (setup, fn, grads) in list(ready.items()):  # interleaved: every variant once per repetition
             if st.past_deadline() and results[name].times_ms:
                 continue
+            time.sleep(settle)
             try:
                 if st.timer == "do_bench":
                     t = _do_bench(fn, setup, grads, dev, st.rep_ms / reps, st.warmup_ms)
@@ -1340,6 +1357,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rep-ms", type=float, default=100, help="--timer do_bench: ms per variant, split over the "
                                                               "rounds (default 100)")
     ap.add_argument("--warmup-ms", type=float, default=25, help="--timer do_bench: do_bench's warm-up per round")
+    ap.add_argument("--settle-ms", type=float, default=None,
+                    help="pause before each timed call, untimed (default: 250 on the CPU when a peer runtime is "
+                         "among the variants, whose spinning threads slow the next call; otherwise 0)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (the "
                                                               "torch_compile_freezing peer included)")
     ap.add_argument("--peers", default="auto", help="CPU inference runtimes in the eval rows, comma list of "
@@ -1440,7 +1460,8 @@ def settings(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Sett
                     warmup_ms=args.warmup_ms, compile_backend=args.compile_backend,
                     compile_rows=args.compile_rows or prof["compile_rows"], subprocess_variants=subprocess_variants,
                     compile_timeout_s=args.compile_timeout_s, variants=_csv_list(args.variants), tiny=tiny,
-                    peers=peers, dtype_modes={} if args.dtypes else dict(prof.get("dtype_modes", {})),
+                    peers=peers, settle_ms=args.settle_ms,
+                    dtype_modes={} if args.dtypes else dict(prof.get("dtype_modes", {})),
                     verbose=args.verbose, argv=list(argv or []))
 
 

@@ -187,6 +187,15 @@ def test_cpu_peer_missing_or_wrong_is_reported(monkeypatch):
         benchmark.settings(ap.parse_args(["--device", "cuda", "--peers", "onnxruntime"]))
     assert benchmark.settings(ap.parse_args(["--device", "cpu", "--no-compile"])).peers == ["onnxruntime", "openvino"]
     assert benchmark.settings(ap.parse_args(["--device", "cuda"])).peers == []
+    # the untimed pause before each timed call: on the CPU when a peer runtime is among the variants (ONNX
+    # Runtime's threads spin after its calls), unless --settle-ms sets it; none otherwise
+    peer = benchmark.Variant("onnxruntime", "onnxruntime", "nchw", None, None, call=lambda: None)
+    plain = benchmark.Variant("eager_nchw", "eager", "nchw", None, None)
+    cpu = benchmark.settings(ap.parse_args(["--device", "cpu"]))
+    assert benchmark._settle_s([plain, peer], cpu) == 0.25 and benchmark._settle_s([plain], cpu) == 0.0
+    assert benchmark._settle_s([plain, peer], benchmark.settings(ap.parse_args(["--device", "cpu", "--settle-ms",
+                                                                                "40"]))) == 0.04
+    assert benchmark._settle_s([plain, peer], benchmark.settings(ap.parse_args(["--device", "cuda"]))) == 0.0
 
 
 def test_counts():
