@@ -78,11 +78,6 @@ at::Tensor dense_grad_output(const char* op, const at::Tensor& dy_in, const at::
 
 int64_t per_image_count(const at::Tensor& x) { return x.size(0) * x.size(2) * x.size(3); }
 
-template <typename A>
-A* data_if(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
-}
-
 // DwBlockLaunch<A>::forward with A from the input's accumulation dtype and a fresh workspace. y undefined:
 // statistics only (!apply); var undefined: eval.
 void launch_forward(const DwCall& c, const at::Tensor& x, const at::Tensor& bias, const at::Tensor& gamma,
@@ -94,9 +89,9 @@ void launch_forward(const DwCall& c, const at::Tensor& x, const at::Tensor& bias
     at::Tensor ws = workspace(x, batch_stats ? K::workspace_elems(c.p, c.k, c.s) : 0, c.acc);
     K::forward(c.p, c.k, c.s, x.const_data_ptr(), data_or_null<A>(c.center), data_or_null<A>(c.scale),
                data_or_null<A>(c.shift), c.weight.const_data_ptr(), bias.const_data_ptr(), gamma.const_data_ptr<A>(),
-               beta.const_data_ptr<A>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), data_if<A>(var), batch_stats,
-               /*apply=*/y.defined(), static_cast<A>(eps), y.defined() ? y.data_ptr() : nullptr, ws.data_ptr<A>(),
-               current_stream(x));
+               beta.const_data_ptr<A>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), mutable_data_or_null<A>(var),
+               batch_stats, /*apply=*/y.defined(), static_cast<A>(eps), y.defined() ? y.data_ptr() : nullptr,
+               ws.data_ptr<A>(), current_stream(x));
   });
 }
 
@@ -112,7 +107,7 @@ void launch_backward(const DwCall& c, const at::Tensor& dy, const at::Tensor& x,
                 data_or_null<A>(c.scale), data_or_null<A>(c.shift), c.weight.const_data_ptr(), bias.const_data_ptr(),
                 gamma.const_data_ptr<A>(), mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(), batch_stats, sums_given,
                 /*reduce_only=*/!dx.defined(), dx.defined() ? dx.data_ptr() : nullptr, sums.data_ptr<A>(),
-                data_if<A>(grads), ws.data_ptr<A>(), current_stream(x));
+                mutable_data_or_null<A>(grads), ws.data_ptr<A>(), current_stream(x));
   });
 }
 

@@ -79,10 +79,15 @@ decltype(auto) with_acc_type(at::ScalarType acc, F&& f) {
   return f(float{});
 }
 
-// A pointer to t's data as A, or null for an empty t (an absent optional input).
+// A pointer to t's data as A, or null for an undefined or empty t (an absent optional input, or an output the
+// call does not make); the mutable form is for outputs.
 template <typename A>
 const A* data_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.const_data_ptr<A>() : nullptr;
+}
+template <typename A>
+A* mutable_data_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<A>() : nullptr;
 }
 
 inline Problem make_problem(const at::Tensor& x, int64_t C, int64_t H, int64_t W, int64_t act) {
