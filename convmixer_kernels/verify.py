@@ -54,7 +54,7 @@ def main(argv=None):
     dtype_names = args.dtypes.split(",") if args.dtypes else default_dtypes(args.device)
     for n in dtype_names:
         if n not in DTYPES:
-            raise SystemExit(f"verify: unknown dtype {n!r} (expected one of {', '.join(DTYPES)})")
+            ap.error(f"--dtypes: unknown {n!r} (expected a comma list of {', '.join(DTYPES)})")
     avail = backends.available_backends()
     names = args.backends.split(",") if args.backends else [
         n for n, (ok, _) in avail.items() if ok and n != "reference" and

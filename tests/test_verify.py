@@ -39,3 +39,9 @@ def test_verify_reports_a_wrong_kernel(monkeypatch, capsys):
     assert dw and all(ln.strip().startswith("FAIL") for ln in dw), dw
     assert pw and all(ln.strip().startswith("PASS") for ln in pw), pw
     assert any("check(s) FAILED" in ln for ln in lines)
+
+
+def test_verify_unknown_dtype_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        verify_main(["--device", "cpu", "--backends", "cpu", "--dtypes", "fp32,int8"])
+    assert e.value.code == 2 and "--dtypes: unknown 'int8'" in capsys.readouterr().err
