@@ -9,6 +9,7 @@ import sys
 import torch
 
 from . import backends
+from .benchmark import DTYPES as BENCH_DTYPES
 from .numerics import compare_block, compare_cross_layer, make_block_params
 
 
@@ -25,7 +26,7 @@ def info():
         print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {**BENCH_DTYPES, "fp64": torch.float64}  # the benchmark's names, and fp64 (verified, not timed)
 
 
 def default_dtypes(device):
