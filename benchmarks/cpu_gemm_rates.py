@@ -1,6 +1,7 @@
 """The CPU GEMM routes at ConvMixer's pointwise shapes (issue 12), interleaved in one process, median ms:
-at::mm (MKL) against oneDNN's matmul as the CPU backend calls it (mkldnn::_linear_pointwise, with and
-without the activation post-op), for the forward Z W^T and the backward's dZ = dT W and dW = dT^T Z.
+at::mm (MKL), oneDNN's matmul as the CPU backend calls it (mkldnn::_linear_pointwise, with and without the
+activation post-op) and our own GEMM (csrc/cpu/sgemm.cpp, with and without its epilogue), for the forward
+Z W^T and the backward's dZ = dT W and dW = dT^T Z.
 
 --peers adds the forward as the peer runtimes run it: MKL's packed GEMM (mkl::_mkl_linear, inductor's fp32
 route under freezing) and ONNX Runtime's MatMul + Add + Relu (MLAS), in its default configuration (its
@@ -16,7 +17,10 @@ import time
 
 import torch
 
-SHAPES = {"768/32 (M=2048, C=768)": (2048, 768), "256/8 (M=16384, C=256)": (16384, 256)}
+from convmixer_kernels import _C
+
+SHAPES = {"768/32 (M=2048, C=768)": (2048, 768), "256/8 (M=16384, C=256)": (16384, 256),
+          "1536/20 (M=2048, C=1536)": (2048, 1536)}
 
 
 def peer_routes(M, C, x, w, b, threads):
@@ -61,7 +65,11 @@ def main():
               "fwd oneDNN": lambda: lp(x, w, b, "none", [], ""),
               "fwd oneDNN + gelu post-op": lambda: lp(x, w, b, "gelu", [], "none"),
               "fwd oneDNN + relu post-op": lambda: lp(x, w, b, "relu", [], ""),
+              "fwd own": lambda: _C.cpu_sgemm_nt(x, w, b),
+              "fwd own + gelu epilogue": lambda: _C.cpu_sgemm_nt(x, w, b, 0),
+              "fwd own + relu epilogue": lambda: _C.cpu_sgemm_nt(x, w, b, 2),
               "dZ at::mm": lambda: torch.mm(dT, w),
+              "dZ own (W^T read in place)": lambda: _C.cpu_sgemm_nt(dT, w.t()),
               "dZ oneDNN": lambda: lp(dT, w.t().contiguous(), None, "none", [], ""),
               "dW at::mm": lambda: torch.mm(dT.t(), x),
               "dW oneDNN (transposed copies)":

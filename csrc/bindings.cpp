@@ -25,6 +25,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exact_training_max_count", [] { return cmk::cpu::kExactTrainingMaxCount; },
         "batch statistics over at most this many values per channel run in float64 (every backend)");
   m.def("cpu_gemm_library", &cmk::cpu::gemm_library, "the library the CPU backend's GEMMs run in, and why");
+  m.def("cpu_gemm", &cmk::cpu::cpu_gemm, "the route of the CPU backend's fp32 GEMMs now: \"own\" or \"onednn\"");
+  m.def("set_cpu_gemm", &cmk::cpu::set_cpu_gemm,
+        "route the CPU backend's fp32 GEMMs through our own kernel (\"own\") or oneDNN (\"onednn\"); A/B runs, tests");
+  m.def(
+      "cpu_sgemm_nt",
+      [](const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& bias, int act,
+         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+        const auto vec = [&](const std::optional<at::Tensor>& t, const char* name) -> const float* {
+          if (!t) return nullptr;
+          TORCH_CHECK(t->dim() == 1 && t->numel() == W.size(0) && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                      "cpu_sgemm_nt: ", name, " must be a dense fp32 vector of N values");
+          return t->const_data_ptr<float>();
+        };
+        cmk::cpu::GemmEpilogue e{vec(bias, "bias"), act, vec(scale, "scale"), vec(shift, "shift")};
+        return cmk::cpu::sgemm_nt(X, W, e);
+      },
+      "our own fp32 GEMM, act(X W^T + bias) * scale + shift (tests, benchmarks)", pybind11::arg("X"), pybind11::arg("W"),
+      pybind11::arg("bias") = std::nullopt, pybind11::arg("act") = -1, pybind11::arg("scale") = std::nullopt,
+      pybind11::arg("shift") = std::nullopt);
   m.def("cpu_fma_peak_gflops", &cmk::cpu::fma_peak_gflops, "fp32 FMA peak of this machine over the torch threads",
         pybind11::arg("iters") = 20000000);
   m.def("cpu_vector_bytes", [] { return cmk::cpu::kVecBytes; },

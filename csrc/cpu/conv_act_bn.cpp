@@ -475,23 +475,37 @@ std::vector<at::Tensor> conv_act_bn_forward(const at::Tensor& x, const at::Tenso
   // rounded to the input dtype once, as PyTorch's conv does; a sign flip of a rounded bf16 T + b
   // would otherwise change ReLU's derivative.
   const auto acc = acc_type_for(x.scalar_type());
-  // Eval: one oneDNN primitive, y = act(x W^T + b), in fp32, or in bf16 where the CPU has native bf16
-  // dot products (fp32 accumulation, act on the fp32 sum, rounded once); with the BN applied here
-  // rather than deferred, one in-place scale-and-shift pass follows.
-  const bool one_primitive = x.scalar_type() == at::kFloat ? onednn_gemm_available()
+  // Eval: one GEMM with its epilogue, y = act(x W^T + b), in fp32 (our own kernel where selected, else a
+  // oneDNN primitive), or in bf16 through oneDNN where the CPU has native bf16 dot products (fp32
+  // accumulation, act on the fp32 sum, rounded once). With the BN applied here rather than deferred,
+  // our kernel applies its scale and shift in the same epilogue; after oneDNN one in-place pass follows
+  // (the BN follows act, so it cannot fold into the weights).
+  const bool own = x.scalar_type() == at::kFloat && own_sgemm_selected();
+  const bool one_primitive = x.scalar_type() == at::kFloat ? own || onednn_gemm_available()
                              : x.scalar_type() == at::kBFloat16 ? onednn_bf16_native() : false;
   if (!batch_stats && !save_t && g.cl && one_primitive) {
-    const at::Tensor y = linear(patches(g, x), weight.reshape({g.Cout, g.K}).contiguous(), bias.contiguous(),
-                                static_cast<int>(act));
-    if (apply_bn) {  // the BN follows act, so it cannot fold into the weights: one in-place pass
+    at::Tensor scale, shift;
+    if (apply_bn) {
       check_per_channel("conv_act_bn", "mean", mean, g.Cout, acc);
       check_per_channel("conv_act_bn", "rstd", rstd, g.Cout, acc);
       const auto [scale_d, shift_d] = bn_scale_shift(gamma, beta, mean.to(at::kDouble), rstd.to(at::kDouble));
-      const at::Tensor scale = scale_d.to(at::kFloat), shift = shift_d.to(at::kFloat);
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "conv_act_bn_eval_bn", [&] {
-        scale_shift_rows_(y.data_ptr<scalar_t>(), y.size(0), g.Cout, scale.const_data_ptr<float>(),
-                          shift.const_data_ptr<float>());
-      });
+      scale = scale_d.to(at::kFloat);
+      shift = shift_d.to(at::kFloat);
+    }
+    const at::Tensor W2 = weight.reshape({g.Cout, g.K}).contiguous(), b = bias.contiguous();
+    at::Tensor y;
+    if (own) {
+      GemmEpilogue e{b.const_data_ptr<float>(), static_cast<int>(act), nullptr, nullptr};
+      if (apply_bn) e.scale = scale.const_data_ptr<float>(), e.shift = shift.const_data_ptr<float>();
+      y = sgemm_nt(patches(g, x), W2, e);
+    } else {
+      y = linear(patches(g, x), W2, b, static_cast<int>(act));
+      if (apply_bn) {
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "conv_act_bn_eval_bn", [&] {
+          scale_shift_rows_(y.data_ptr<scalar_t>(), y.size(0), g.Cout, scale.const_data_ptr<float>(),
+                            shift.const_data_ptr<float>());
+        });
+      }
     }
     return {y.view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}), at::empty({0}, x.options()),
             at::empty({0}, acc_opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};

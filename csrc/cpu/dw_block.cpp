@@ -755,18 +755,6 @@ struct LaneAffine {
   }
 };
 
-// act(t) (or act'(t) with BACKWARD) of every lane of one vector, by the scalar formulas of block_math.h.
-// For the loops that run over whole vectors: written per element inside them, GCC vectorized those loops
-// across pixels instead, through lane permutes and stack spills (perf: the backward's pass-1 sums alone were
-// ~11% of its samples on an AVX2 Zen 3).
-template <int A, bool BACKWARD, typename acc_t>
-inline typename Simd<acc_t>::V act_lanes(typename Simd<acc_t>::V t) {
-  alignas(kVecBytes) acc_t v[Simd<acc_t>::N];
-  Simd<acc_t>::store(v, t);
-  for (int c = 0; c < Simd<acc_t>::N; ++c) v[c] = BACKWARD ? act_backward<A>(v[c]) : act_forward<A>(v[c]);
-  return Simd<acc_t>::load(v);
-}
-
 // Pixels [w_lo, w_hi) of row h (any integer) of image n, channel groups [g0, g0 + ng) of a channels_last
 // tensor, into dst laid out [group][col][lane] (group stride `stride`; dst is column w_lo of group g0):
 // through the lane affine when one is given (null or off: the values as they are), zeros for a row outside

@@ -6,6 +6,7 @@
 #include <oneapi/dnnl/dnnl_version.h>
 
 #include "../common/block_math.h"
+#include "simd.h"
 
 namespace cmk {
 namespace cpu {
@@ -59,13 +60,24 @@ bool onednn_bf16_native() {
 }
 
 std::string gemm_library() {
-  return linear_op().why + (onednn_bf16_native() ? "; bf16 eval GEMMs in native bf16 (AVX512_BF16)"
+  const std::string fp32 = own_sgemm_selected()
+                               ? "fp32 X W^T in convmixer_kernels' own GEMM (6x" + std::to_string(2 * Simd<float>::N) +
+                                     " register tile, epilogue fused; set_cpu_gemm('onednn') for oneDNN), else "
+                               : "";
+  return fp32 + linear_op().why + (onednn_bf16_native() ? "; bf16 eval GEMMs in native bf16 (AVX512_BF16)"
                                                  : "; bf16 GEMMs upcast to fp32");
 }
 
 at::Tensor linear(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& bias, int act) {
   TORCH_CHECK(X.dim() == 2 && W.dim() == 2 && X.size(1) == W.size(1) && X.is_contiguous() && W.is_contiguous(),
               "convmixer_kernels linear: X (M, K) and W (N, K) must be dense, got ", X.sizes(), " and ", W.sizes());
+  if (X.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat && own_sgemm_selected()) {
+    GemmEpilogue e;
+    const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+    e.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    e.act = act;
+    return sgemm_nt(X, W, e);
+  }
   const auto& o = linear_op();
   if (!o.op) {
     TORCH_CHECK(act < 0, "convmixer_kernels linear: activation post-ops need oneDNN; ", o.why);

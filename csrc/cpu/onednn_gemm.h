@@ -14,6 +14,8 @@
 #include <optional>
 #include <string>
 
+#include "sgemm.h"
+
 namespace cmk {
 namespace cpu {
 
@@ -28,15 +30,19 @@ bool onednn_bf16_native();
 std::string gemm_library();
 
 // Y = act(X W^T + bias) as a dense (M, N) tensor of X's dtype; X (M, K) and W (N, K) dense, both fp32, or
-// both bf16 (accumulated in fp32, bias and act applied in fp32, rounded once). act: one of
+// both bf16 (accumulated in fp32, bias and act applied in fp32, rounded once). fp32 runs in our own
+// GEMM (sgemm.h) where that is selected. act: one of
 // cmk::Act, or -1 for none (then bias may be absent). Falls back to at::mm (+ bias) when oneDNN is not
 // available; act must then be -1.
 at::Tensor linear(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& bias, int act);
 
-// X W^T: the GEMMs of the blocks, through oneDNN when available and the operands are fp32.
+// X W^T: the GEMMs of the blocks. fp32: our own kernel (sgemm.h) where selected, which reads W (a
+// W^T view included) in place, else oneDNN when available; other dtypes at::mm.
 inline at::Tensor mm_nt(const at::Tensor& X, const at::Tensor& W) {
-  if (X.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat && onednn_gemm_available())
-    return linear(X.contiguous(), W.contiguous(), std::nullopt, -1);
+  if (X.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat) {
+    if (own_sgemm_selected()) return sgemm_nt(X, W, GemmEpilogue{});
+    if (onednn_gemm_available()) return linear(X.contiguous(), W.contiguous(), std::nullopt, -1);
+  }
   return at::mm(X, W.t());
 }
 
