@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from convmixer_kernels import _C
 from convmixer_kernels.numerics import rule
-from numerics import make_block_params, make_x, run_block
+from numerics import make_block_params, make_x, run_block, run_cross_layer
 
 ACT_CODES = {None: -1, "gelu": 0, "gelu_tanh": 1, "relu": 2}
 
@@ -103,11 +103,16 @@ def test_own_gemm_bad_input():
 @pytest.mark.parametrize("training", (True, False))
 @pytest.mark.parametrize("act", ("gelu", "relu"))
 def test_blocks_on_either_gemm_route(route, training, act):
-    """The pointwise block and the stem in channels_last (the layout whose GEMMs take the route), eval with
-    the BN applied in the epilogue and training's forward and dZ GEMMs, on each route."""
+    """The pointwise block, the stem and the pointwise -> depthwise pair (the BN deferred) in channels_last,
+    the layout whose GEMMs take the route, on each route: eval's one GEMM with its epilogue, training's
+    forward GEMM and the backward's dZ = dT W. More than 512 values per channel, so training runs the fp32
+    kernels, not the float64 path for few values."""
     with gemm_route(route):
         assert _C.cpu_gemm() == route
-        x = make_x((3, 20, 9, 9), torch.float32, "channels_last")
+        x = make_x((4, 20, 12, 12), torch.float32, "channels_last")
         run_block("pw", x, make_block_params("pw", 37, cin=20), training, act, steps=2)
-        x = make_x((2, 3, 14, 14), torch.float32, "channels_last")
+        run_cross_layer(x, make_block_params("pw", 24, cin=20), make_block_params("dw", 24, k=3), training, act,
+                        steps=2, backend="cpu")
+        x = make_x((3, 3, 112, 112), torch.float32, "channels_last")
         run_block("stem", x, make_block_params("stem", 19, cin=3, patch=7), training, act, patch=7, steps=2)
+
