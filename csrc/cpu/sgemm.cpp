@@ -18,7 +18,8 @@ using V = Vec::V;
 constexpr int NR = 2 * Vec::N;  // columns of the register tile: two vectors (16 on AVX2)
 constexpr int MR = 6;           // rows: 6 x 2 accumulators + 2 of W + 1 broadcast of X = 15 of 16 ymm
 // Output columns per sweep: a thread keeps its 6 rows of X (6 K floats, L1) while it walks NC columns of
-// packed W (K x NC floats, L2 or the shared L3). 256 measured best of 64-768 at K = 256 and 768 (Zen 3).
+// packed W (K x NC floats, L2 or the shared L3). 64-768 measured within noise of one another at K = 256
+// and 768 (Zen 3); K blocks of 256 did not help either (benchmarks/RESULTS.md).
 constexpr int64_t NC = 256;
 
 // W^T in panels of NR columns: Wp[p][k][j] = W[p*NR + j][k], zero past N, so the kernel reads one

@@ -3,8 +3,8 @@
 //
 // Why our own: on AVX2 CPUs without AVX-512 (a Zen 3 here), oneDNN's fp32 matmul ran ConvMixer's
 // pointwise GEMMs at 124-137 GFLOP/s on 2 threads and ONNX Runtime's MLAS at ~171, with the FMA peak
-// ~180-190 (benchmarks/RESULTS.md, "Our own fp32 GEMM"). This kernel is the plain Goto scheme with one
-// register tile, measured at MLAS's rate there. On AVX-512 CPUs oneDNN is not beaten by it (not
+// ~200 (benchmarks/RESULTS.md, "Our own fp32 GEMM on AVX2"). This kernel is the plain Goto scheme with
+// one register tile; it measured 1.0-1.2x oneDNN's rate there (169-174 GFLOP/s on a quiet machine). On AVX-512 CPUs oneDNN is not beaten by it (not
 // measured), so it is the default only on AVX2 targets; set_cpu_gemm picks the route for A/B runs.
 #pragma once
 
